@@ -1,0 +1,49 @@
+"""What every control-plane command works with: the database, Redis and the master keyring."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+
+from control.crypto import Keyring, load_keyring
+from control.errors import ControlError
+from control.runpod_client import RunPodClient
+from control.settings import ControlSettings
+
+DB = psycopg.Connection[tuple[Any, ...]]
+
+
+@dataclass
+class Context:
+    settings: ControlSettings
+    db: DB
+    redis: redis.Redis
+    keyring: Keyring
+
+    def runpod(self, api_key: str) -> RunPodClient:
+        return RunPodClient(self.settings.runpod_api_url, api_key, self.settings.runpod_inference_url)
+
+
+@contextmanager
+def open_context(settings: ControlSettings) -> Iterator[Context]:
+    if not settings.database_url or not settings.redis_url:
+        raise ControlError(
+            "not_configured",
+            "no database: start the stack with `gatewayctl up` or set DATABASE_URL and REDIS_URL",
+        )
+    keyring = load_keyring(settings.master_key, settings.master_key_file, create=False)
+    try:
+        db = psycopg.connect(settings.database_url, autocommit=True)
+    except psycopg.OperationalError:
+        raise ControlError("database_unreachable", "the database could not be reached") from None
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        yield Context(settings, db, client, keyring)
+    finally:
+        db.close()
+        client.close()

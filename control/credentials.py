@@ -1,0 +1,70 @@
+"""Linking a workspace's RunPod key: validated live, sealed with AES-256-GCM, never shown again.
+
+Decryption happens only on the deployment-engine paths (provision, status, teardown) through
+`runpod_key`, which loads by the asking workspace's id and opens with that id as associated data;
+ext_authz does the same for inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control import hotsync, workspaces
+from control.context import Context
+from control.crypto import Sealed
+from control.errors import ControlError
+
+
+def link(ctx: Context, ws_ref: str, runpod_key: str) -> dict[str, Any]:
+    ws = workspaces.resolve(ctx, ws_ref)
+    runpod_key = runpod_key.strip()
+    if not runpod_key or any(c.isspace() for c in runpod_key):
+        raise ControlError("runpod_key_invalid", "that is not a RunPod API key; nothing was stored")
+    account_id = ctx.runpod(runpod_key).account_id()
+    current = ctx.db.execute(
+        "SELECT account_id FROM runpod_credentials WHERE workspace_id = %s", (ws["id"],)
+    ).fetchone()
+    if current is not None and current[0] != account_id:
+        live = ctx.db.execute(
+            "SELECT count(*) FROM deployments WHERE workspace_id = %s AND destination = 'runpod'"
+            " AND state IN ('creating', 'ready', 'deleting')",
+            (ws["id"],),
+        ).fetchone()
+        if live is not None and live[0] > 0:
+            raise ControlError(
+                "runpod_account_mismatch",
+                f"this key belongs to a different RunPod account, and the workspace has {live[0]} live "
+                "deployment(s) on the linked account; tear them down before linking another account",
+            )
+    sealed = ctx.keyring.seal(runpod_key, ws["id"])
+    with hotsync.changing(ctx) as change:
+        ctx.db.execute(
+            "INSERT INTO runpod_credentials (workspace_id, account_id, key_version, nonce, ciphertext)"
+            " VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (workspace_id) DO UPDATE SET account_id = excluded.account_id,"
+            " key_version = excluded.key_version, nonce = excluded.nonce, ciphertext = excluded.ciphertext,"
+            " linked_at = now(), rejected_at = NULL",
+            (ws["id"], account_id, sealed.key_version, sealed.nonce, sealed.ciphertext),
+        )
+        change.workspace(ws["id"])
+    return {"workspace_id": ws["id"], "account_id": account_id, "rotated": current is not None}
+
+
+def unlink(ctx: Context, ws_ref: str) -> dict[str, Any]:
+    ws = workspaces.resolve(ctx, ws_ref)
+    with hotsync.changing(ctx) as change:
+        cur = ctx.db.execute("DELETE FROM runpod_credentials WHERE workspace_id = %s", (ws["id"],))
+        change.workspace(ws["id"])
+    return {"workspace_id": ws["id"], "unlinked": cur.rowcount > 0}
+
+
+def runpod_key(ctx: Context, workspace_id: str) -> tuple[str, str]:
+    """(account id, plaintext key) of the asking workspace's own credential."""
+    row = ctx.db.execute(
+        "SELECT account_id, key_version, nonce, ciphertext FROM runpod_credentials WHERE workspace_id = %s",
+        (workspace_id,),
+    ).fetchone()
+    if row is None:
+        raise ControlError("byoc_runpod_not_linked", "no RunPod key is linked to this workspace; run `gatewayctl runpod link`")
+    account_id, version, nonce, ciphertext = row
+    return account_id, ctx.keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)

@@ -1,0 +1,81 @@
+"""Derives the config Envoy actually runs from the shipped `envoy/envoy.yaml`, changing only the
+documented settings: listener and admin addresses, ext_authz endpoints, the RunPod inference address
+and its TLS, and the access-log path. Everything else an operator edits is taken as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from control.env import HostPort, SettingsError
+
+LISTENER = "gateway"
+EXTAUTH_CLUSTER = "extauth"
+RUNPOD_CLUSTER = "runpod"
+
+
+def _named(items: list[dict[str, Any]], name: str, what: str) -> dict[str, Any]:
+    for item in items:
+        if item.get("name") == name:
+            return item
+    raise SettingsError(f"envoy config has no {what} named {name!r}; the launcher finds it by that name")
+
+
+def _socket(hp: HostPort) -> dict[str, Any]:
+    return {"socket_address": {"address": hp.host, "port_value": hp.port}}
+
+
+def _set_endpoints(cluster: dict[str, Any], addresses: list[HostPort]) -> None:
+    cluster["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": {"address": _socket(a)}} for a in addresses]}
+    ]
+
+
+def render(
+    source: Path,
+    *,
+    listen: HostPort,
+    admin: HostPort,
+    extauth: list[HostPort],
+    runpod_inference_url: str,
+    access_log: Path,
+) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
+    config["admin"]["address"] = _socket(admin)
+    resources = config["static_resources"]
+    listener = _named(resources["listeners"], LISTENER, "listener")
+    listener["address"] = _socket(listen)
+    for chain in listener["filter_chains"]:
+        for network_filter in chain["filters"]:
+            for log in network_filter.get("typed_config", {}).get("access_log", []):
+                if log["name"] == "envoy.access_loggers.file":
+                    log["typed_config"]["path"] = str(access_log)
+
+    _set_endpoints(_named(resources["clusters"], EXTAUTH_CLUSTER, "cluster"), extauth)
+
+    url = urlsplit(runpod_inference_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"RUNPOD_INFERENCE_URL must be an http:// or https:// URL, got {runpod_inference_url!r}")
+    runpod = _named(resources["clusters"], RUNPOD_CLUSTER, "cluster")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    _set_endpoints(runpod, [HostPort(url.hostname, port)])
+    if url.scheme == "http":
+        runpod.pop("transport_socket", None)
+    elif "transport_socket" in runpod:
+        tls = runpod["transport_socket"]["typed_config"]
+        tls["sni"] = url.hostname
+        for matcher in tls["common_tls_context"].get("validation_context", {}).get(
+            "match_typed_subject_alt_names", []
+        ):
+            matcher["matcher"] = {"exact": url.hostname}
+    return config
+
+
+def write(config: dict[str, Any], target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return target

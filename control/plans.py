@@ -1,0 +1,39 @@
+"""Plans and what each allows: the one place plan rules live.
+
+Limits are requests per minute per API key. Enterprise limits are set per workspace by an operator;
+until then an enterprise workspace gets Team's numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PLAN_ORDER = ("starter", "pro", "team", "enterprise")
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    can_mint_keys: bool
+    byoc_allowed: bool
+    rpm_default: int
+    rpm_ceiling: int
+
+
+PLANS: dict[str, Plan] = {
+    "starter": Plan("starter", can_mint_keys=False, byoc_allowed=False, rpm_default=60, rpm_ceiling=60),
+    "pro": Plan("pro", can_mint_keys=True, byoc_allowed=True, rpm_default=500, rpm_ceiling=1000),
+    "team": Plan("team", can_mint_keys=True, byoc_allowed=True, rpm_default=5000, rpm_ceiling=10000),
+    "enterprise": Plan(
+        "enterprise", can_mint_keys=True, byoc_allowed=True, rpm_default=5000, rpm_ceiling=10000
+    ),
+}
+
+
+def effective_limits(plan: str, rpm_default: int | None, rpm_ceiling: int | None) -> tuple[int, int]:
+    """(default, ceiling) for a workspace: per-workspace overrides apply to enterprise only."""
+    base = PLANS[plan]
+    if plan != "enterprise":
+        return base.rpm_default, base.rpm_ceiling
+    ceiling = rpm_ceiling or base.rpm_ceiling
+    return min(rpm_default or base.rpm_default, ceiling), ceiling

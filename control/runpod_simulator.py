@@ -1,0 +1,860 @@
+"""A local imitation of RunPod (GraphQL, REST v2, serverless queue + OpenAI routes) on one aiohttp server.
+
+The gateway's tests and demo point both RUNPOD_API_URL and RUNPOD_INFERENCE_URL at it. Shapes follow
+`runpod-rest-v2.openapi.json` and `runpod.md` in the shared reference folder.
+
+Served routes
+    POST /graphql                                  `myself { id email }`; Bearer or `?api_key=`
+    GET|POST /v2/templates, GET|PATCH|DELETE /v2/templates/{id}
+    GET|POST /v2/serverless, GET|PATCH|DELETE /v2/serverless/{id}
+    GET /v2/{endpoint}/health, POST /v2/{endpoint}/run|runsync|purge-queue,
+    * /v2/{endpoint}/status|cancel|retry|stream/{job}
+    GET /v2/{endpoint}/openai/v1/models, POST .../chat/completions|completions|embeddings
+
+Control routes (no auth, never recorded)
+    GET    /_sim/healthz                 200 "ok"
+    GET    /_sim/requests                {"requests": [{method, path, headers, body, endpoint_id, account_id,
+                                          status, time}]}  (last 10,000; header names lower-cased)
+    DELETE /_sim/requests                forget recorded requests (204)
+    POST   /_sim/accounts                {"id","email","keys":[...],"read_only_keys":[...]}; upserts (201)
+    POST   /_sim/accounts/{id}/keys      {"key": "...", "read_only": false} (201)
+    DELETE /_sim/keys/{key}              revoke: the key then gets 401 everywhere (204)
+    GET    /_sim/state                   {"accounts": [{..., "templates": [...], "endpoints": [...]}],
+                                          "knobs": {endpoint_id: {...}}}
+    PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy,
+                                          cold_start_ms, stream_delay_ms,
+                                          fail none|http500|worker_error_200|unauthorized
+    POST   /_sim/fail-next               {"path_contains": "...", "status": 500, "method"?, "times"?: 1}
+                                          the next matching request(s) fail with that status, before auth
+
+Simulated behaviour worth knowing
+    Token count = number of whitespace-separated words. Replies are "Echo: " + the last user message (chat)
+    or the prompt (completions), at most 16 words, or `max_tokens`/`max_completion_tokens` words with
+    finish_reason "length" when that limit cut the reply. An endpoint whose env names no model accepts any
+    `model`. `cold_start_ms` delays the first worker-served request after it is set. `worker_error_200`
+    hits worker-served routes (runsync, run, openai); `http500` and `unauthorized` hit every inference route.
+
+Run: python -m control.runpod_simulator [--host 127.0.0.1] [--port 0] [--accounts FILE] [--port-file FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import secrets
+import signal
+import string
+import struct
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+MAX_RECORDED = 10_000
+MAX_JOBS_PER_ENDPOINT = 1_000
+DEFAULT_REPLY_WORDS = 16
+
+# --- a tiny JSON-schema subset: enough to reproduce the OpenAPI's 422s (unknown properties, types) ---------
+
+Checker = Callable[[Any, str], list[str]]
+
+
+def _t(*types: type, minimum: float | None = None, maximum: float | None = None, min_len: int = 0) -> Checker:
+    names = "|".join("null" if t is type(None) else t.__name__ for t in types)
+    low, high = -math.inf if minimum is None else minimum, math.inf if maximum is None else maximum
+
+    def check(v: Any, path: str) -> list[str]:
+        # bool is an int subclass in Python, but not in JSON Schema
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            return [f"{path}: expected {names}"]
+        if isinstance(v, int | float) and not isinstance(v, bool) and not low <= v <= high:
+            return [f"{path}: {v} is outside [{minimum}, {maximum}]"]
+        if isinstance(v, str | list) and len(v) < min_len:
+            return [f"{path}: needs at least {min_len} item(s)"]
+        return []
+
+    return check
+
+
+def _enum(*values: str) -> Checker:
+    return lambda v, path: [] if v in values else [f"{path}: must be one of {', '.join(values)}"]
+
+
+def _arr(item: Checker, min_items: int = 0) -> Checker:
+    def check(v: Any, path: str) -> list[str]:
+        if not isinstance(v, list) or len(v) < min_items:
+            return [f"{path}: expected an array of at least {min_items} item(s)"]
+        return [e for i, x in enumerate(v) for e in item(x, f"{path}[{i}]")]
+
+    return check
+
+
+def _map(item: Checker) -> Checker:
+    def check(v: Any, path: str) -> list[str]:
+        if not isinstance(v, dict):
+            return [f"{path}: expected object"]
+        return [e for k, x in v.items() for e in item(x, f"{path}.{k}")]
+
+    return check
+
+
+def _obj(props: dict[str, Checker], required: tuple[str, ...] = ()) -> Checker:
+    def check(v: Any, path: str) -> list[str]:
+        if not isinstance(v, dict):
+            return [f"{path}: expected object"]
+        errs = [f"{path}: missing property '{r}'" for r in required if r not in v]
+        extra = [k for k in v if k not in props]
+        if extra:
+            errs.append(f"{path}: additional properties {', '.join(repr(k) for k in extra)} not allowed")
+        return errs + [e for k, x in v.items() if k in props for e in props[k](x, f"{path}.{k}")]
+
+    return check
+
+
+def _by_type(variants: dict[str, Checker]) -> Checker:
+    def check(v: Any, path: str) -> list[str]:
+        kind = v.get("type") if isinstance(v, dict) else None
+        if kind not in variants:
+            return [f"{path}.type: must be one of {', '.join(variants)}"]
+        return variants[kind](v, path)
+
+    return check
+
+
+_STR, _BOOL, _INT, _NAME = _t(str), _t(bool), _t(int), _t(str, min_len=1)
+_STRS = _arr(_STR)
+_CONTAINER_KEYS = ("image", "args", "disk", "ports", "env", "registry")
+_CONTAINER = {"image": _STR, "args": _STR, "disk": _t(int, minimum=1), "env": _map(_STR), "ports": _STRS,
+              "registry": _t(str, type(None))}
+_TEMPLATE_FIELDS = {
+    **_CONTAINER, "name": _NAME, "allowedCudaVersions": _STRS, "category": _enum("CPU", "NVIDIA", "AMD"),
+    "mounts": _obj({"persistent": _obj({"size": _t(int, minimum=10), "path": _STR}, ("size", "path"))}),
+    "public": _BOOL, "serverless": _BOOL, "startJupyter": _BOOL, "startSsh": _BOOL,
+}
+CREATE_TEMPLATE = _obj(_TEMPLATE_FIELDS, ("name", "image"))
+UPDATE_TEMPLATE = _obj(_TEMPLATE_FIELDS)
+_GPU = {"pools": _arr(_STR, 1), "excludedTypes": _STRS, "count": _t(int, minimum=1),
+        "allowedCudaVersions": _STRS, "minCudaVersion": _STR}
+_ENDPOINT_FIELDS = {
+    **_CONTAINER, "name": _NAME, "templateId": _NAME, "timeout": _INT, "dataCenterIds": _STRS,
+    "networkVolumes": _STRS, "flashboot": _enum("OFF", "FLASHBOOT", "PRIORITY_FLASHBOOT"),
+    "scaling": _by_type({
+        "QUEUE_DELAY": _obj({"type": _STR, "queueDelay": _t(int, float, minimum=0.5)},
+                            ("type", "queueDelay")),
+        "REQUEST_COUNT": _obj({"type": _STR, "requestCount": _t(int, minimum=1)}, ("type", "requestCount")),
+    }),
+    "cpu": _arr(_obj({"id": _NAME, "vcpuCount": _t(int, minimum=2)}, ("id", "vcpuCount")), 1),
+    "workers": _obj({"min": _t(int, minimum=0), "max": _t(int, minimum=0),
+                     "idleTimeout": _t(int, minimum=1, maximum=3600)}),
+}
+CREATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "type": _enum("QUEUE", "LOAD_BALANCER"),
+                        "gpu": _obj(_GPU, ("pools",))}, ("name", "type", "scaling"))
+UPDATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "gpu": _obj(_GPU)})
+ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS}, ("id",))
+KEY = _obj({"key": _NAME, "read_only": _BOOL}, ("key",))
+HEALTH_STATES = ("ready", "initializing", "throttled", "unhealthy")
+FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized")
+KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
+              "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0)})
+RUN_BODY = _obj({"input": lambda v, p: [], "webhook": _STR, "policy": _t(dict)}, ("input",))
+FAIL_NEXT = _obj({"path_contains": _STR, "status": _t(int, minimum=100, maximum=599), "method": _STR,
+                  "times": _t(int, minimum=1)}, ("path_contains",))
+
+# --- state --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Account:
+    id: str
+    email: str | None
+    keys: list[str] = field(default_factory=list)
+    read_only_keys: list[str] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Knobs:
+    health: str = "ready"
+    cold_start_ms: int = 0
+    fail: str = "none"
+    stream_delay_ms: int = 0
+
+
+@dataclass
+class Owned:
+    owner: str
+    data: dict[str, Any]
+
+
+@dataclass
+class SimEndpoint(Owned):
+    knobs: Knobs = field(default_factory=Knobs)
+    warm: bool = False
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    completed: int = 0
+    failed: int = 0
+
+
+OwnedT = TypeVar("OwnedT", bound=Owned)
+
+
+class _Fail(Exception):
+    """Carries a finished error response out of nested helpers; the middleware returns it."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _problem(status: int, detail: str, errors: list[str] | None = None) -> _Fail:
+    title = next((s.phrase for s in HTTPStatus if s == status), "Error")
+    body: dict[str, Any] = {"title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return _Fail(web.json_response(body, status=status, content_type="application/problem+json"))
+
+
+def _plain(status: int, body: Any) -> _Fail:
+    return _Fail(web.json_response(body, status=status))
+
+
+def _openai_error(status: int, message: str, kind: str = "invalid_request_error") -> _Fail:
+    return _plain(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+def _rand(n: int) -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(n))
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+ErrorFactory = Callable[[int, str, list[str]], _Fail]
+
+
+async def _json(request: web.Request, error: ErrorFactory, checker: Checker,
+                invalid_status: int = 400) -> Any:
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError:
+        raise error(400, "request body is not valid JSON", []) from None
+    errors = checker(body, "$")
+    if errors:
+        raise error(invalid_status, "request validation failed: " + "; ".join(errors), errors)
+    return body
+
+
+def _error_field(status: int, detail: str, errors: list[str]) -> _Fail:
+    return _plain(status, {"error": detail})
+
+
+def _openai_error_factory(status: int, detail: str, errors: list[str]) -> _Fail:
+    return _openai_error(status, detail)
+
+
+def _graphql_error(status: int, detail: str, errors: list[str]) -> _Fail:
+    return _plain(status, {"errors": [{"message": detail}]})
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
+def _reply(prompt: str, limit: int | None) -> tuple[list[str], str]:
+    words = ["Echo:", *_words(prompt)]
+    cap = DEFAULT_REPLY_WORDS if limit is None else limit
+    return words[:cap], "length" if limit is not None and len(words) > limit else "stop"
+
+
+def _embedding(text: str) -> list[float]:
+    # k/128 values are exact in float32, so the float and base64 encodings decode to identical numbers
+    return [(b - 128) / 128 for b in hashlib.sha256(text.encode()).digest()[:8]]
+
+
+def served_models(env: dict[str, str]) -> list[str]:
+    name = env.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE") or env.get("MODEL_NAME")
+    return [name] if name else [m for m in env.get("MODEL_NAMES", "").split(";") if m]
+
+
+class Simulator:
+    def __init__(self, accounts: list[dict[str, Any]]) -> None:
+        self.accounts: dict[str, Account] = {}
+        self.templates: dict[str, Owned] = {}
+        self.endpoints: dict[str, SimEndpoint] = {}
+        self.requests: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDED)
+        self.fail_next: list[dict[str, Any]] = []
+        for spec in accounts:
+            self.add_account(spec)
+
+    # accounts and keys
+
+    def add_account(self, spec: dict[str, Any]) -> Account:
+        errors = ACCOUNT(spec, "$")
+        if errors:
+            raise ValueError("; ".join(errors))
+        taken = [k for k in spec.get("keys", []) + spec.get("read_only_keys", [])
+                 if (owner := self.lookup(k)) and owner[0].id != spec["id"]]
+        if taken:  # checked up front so a rejected account leaves no partial state
+            raise ValueError(f"keys already belong to another account: {taken}")
+        acc = self.accounts.setdefault(spec["id"], Account(spec["id"], spec.get("email")))
+        acc.email = spec.get("email", acc.email)
+        for key in spec.get("keys", []):
+            self.add_key(acc.id, key, False)
+        for key in spec.get("read_only_keys", []):
+            self.add_key(acc.id, key, True)
+        return acc
+
+    def add_key(self, account_id: str, key: str, read_only: bool) -> None:
+        acc = self.accounts.get(account_id)
+        if acc is None:
+            raise LookupError(f"unknown account {account_id}")
+        owner = self.lookup(key)
+        if owner is not None and owner[0] is not acc:
+            raise ValueError("key already belongs to another account")
+        if owner is None:
+            (acc.read_only_keys if read_only else acc.keys).append(key)
+
+    def lookup(self, key: str) -> tuple[Account, bool] | None:
+        """Returns (account, read_only) for a live key."""
+        for acc in self.accounts.values():
+            if key in acc.keys or key in acc.read_only_keys:
+                return acc, key in acc.read_only_keys
+        return None
+
+    def _identify(self, request: web.Request, key: str | None) -> tuple[Account, bool] | None:
+        found = self.lookup(key) if key else None
+        if found and _REC in request:
+            request[_REC]["account_id"] = found[0].id
+        return found
+
+    # middleware: recording and injected failures
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        rec: dict[str, Any] | None = None
+        if not request.path.startswith("/_sim/"):
+            headers: dict[str, str] = {}
+            for name, value in request.headers.items():
+                low = name.lower()
+                headers[low] = f"{headers[low]}, {value}" if low in headers else value
+            rec = {"method": request.method, "path": request.raw_path, "headers": headers,
+                   "body": (await request.read()).decode("utf-8", "replace"), "endpoint_id": None,
+                   "account_id": None, "status": None, "time": time.time()}
+            self.requests.append(rec)
+            request[_REC] = rec
+        try:
+            injected = self._injected_failure(request) if rec else None
+            response = injected or await handler(request)
+        except _Fail as fail:
+            response = fail.response
+        except Exception as exc:  # aiohttp's own 404/405s, or a simulator bug that aiohttp turns into a 500
+            if rec:
+                rec["status"] = getattr(exc, "status", 500)
+            raise
+        if rec:
+            rec["status"] = response.status
+        return response
+
+    def _injected_failure(self, request: web.Request) -> web.StreamResponse | None:
+        for i, rule in enumerate(self.fail_next):
+            method_ok = rule.get("method", request.method) == request.method
+            if method_ok and rule["path_contains"] in request.raw_path:
+                rule["times"] -= 1
+                if rule["times"] <= 0:
+                    del self.fail_next[i]
+                status = rule["status"]
+                if request.path.startswith(("/v2/templates", "/v2/serverless")):
+                    return _problem(status, "injected failure").response
+                return web.json_response({"error": "injected failure"}, status=status)
+        return None
+
+    # GraphQL
+
+    async def graphql(self, request: web.Request) -> web.StreamResponse:
+        body = await _json(request, _graphql_error, lambda v, p: [])
+        query = body.get("query", "") if isinstance(body, dict) else ""
+        key = _bearer(request) or request.query.get("api_key")
+        found = self._identify(request, key)
+        unauthorized = {"errors": [{"message": "Unauthorized"}]}
+        if key and found is None:
+            return web.json_response(unauthorized, status=401)
+        if not isinstance(query, str):
+            return web.json_response({"errors": [{"message": "query must be a string"}]})
+        if query.lstrip().startswith("mutation"):
+            if found is None or found[1]:
+                return web.json_response(unauthorized)
+        elif "myself" in query:
+            me = {"id": found[0].id, "email": found[0].email} if found else None
+            return web.json_response({"data": {"myself": me}})
+        return web.json_response({"errors": [{"message": "operation not supported by the RunPod simulator"}]})
+
+    # REST v2
+
+    def _rest_account(self, request: web.Request) -> Account:
+        key = _bearer(request)
+        if key is None:
+            raise _problem(401, "missing bearer token")
+        found = self._identify(request, key)
+        if found is None:
+            raise _problem(401, "invalid bearer token")
+        if found[1] and request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            raise _problem(403, "access denied")
+        return found[0]
+
+    @staticmethod
+    def _owned(store: dict[str, OwnedT], item_id: str, acc: Account, kind: str) -> OwnedT:
+        item = store.get(item_id)
+        if item is None or item.owner != acc.id:
+            raise _problem(404, f"{kind} not found")
+        return item
+
+    def _check_template_name(self, acc: Account, name: str) -> None:
+        if any(t.owner == acc.id and t.data["name"] == name for t in self.templates.values()):
+            raise _problem(400, f"template name '{name}' is already in use")
+
+    async def templates_root(self, request: web.Request) -> web.StreamResponse:
+        acc = self._rest_account(request)
+        if request.method == "GET":
+            mine = [t.data for t in self.templates.values() if t.owner == acc.id]
+            return web.json_response({"templates": mine})
+        body = await _json(request, _problem, CREATE_TEMPLATE, 422)
+        self._check_template_name(acc, body["name"])
+        data = {"id": "tpl_" + _rand(10), "name": body["name"], "image": body["image"], "args": "",
+                "disk": 50, "mounts": {}, "ports": [], "env": {}, "registry": None, "serverless": False,
+                "public": False, "category": "NVIDIA", "startSsh": True, "startJupyter": True,
+                "allowedCudaVersions": [], **copy.deepcopy(body)}
+        self.templates[data["id"]] = Owned(acc.id, data)
+        return web.json_response(data, status=201)
+
+    async def template_item(self, request: web.Request) -> web.StreamResponse:
+        acc = self._rest_account(request)
+        tpl = self._owned(self.templates, request.match_info["id"], acc, "template")
+        if request.method == "DELETE":
+            if any(e.data["templateId"] == tpl.data["id"] for e in self.endpoints.values()):
+                raise _problem(400, "template is bound to a serverless endpoint and cannot be deleted")
+            del self.templates[tpl.data["id"]]
+            return web.Response(status=204)
+        if request.method == "PATCH":
+            body = await _json(request, _problem, UPDATE_TEMPLATE, 422)
+            if body.get("name", tpl.data["name"]) != tpl.data["name"]:
+                self._check_template_name(acc, body["name"])
+            if body.get("mounts") == {}:  # the OpenAPI defines `{}` as "leave unchanged"
+                del body["mounts"]
+            tpl.data.update(copy.deepcopy(body))
+        return web.json_response(tpl.data)
+
+    def _endpoint_view(self, request: web.Request, ep: SimEndpoint) -> dict[str, Any]:
+        base = f"{request.scheme}://{request.host}/v2/{ep.data['id']}"
+        if ep.data["type"] == "LOAD_BALANCER":
+            urls = {"base": base, "health": f"{base}/ping"}
+        else:
+            urls = {"run": f"{base}/run", "runSync": f"{base}/runsync", "status": f"{base}/status/{{job_id}}",
+                    "stream": f"{base}/stream/{{job_id}}", "cancel": f"{base}/cancel/{{job_id}}",
+                    "retry": f"{base}/retry/{{job_id}}", "purgeQueue": f"{base}/purge-queue",
+                    "health": f"{base}/health"}
+        return {**ep.data, "requestUrls": urls}
+
+    def _apply_endpoint(self, acc: Account, data: dict[str, Any], body: dict[str, Any],
+                        creating: bool) -> None:
+        """Applies a create or PATCH body to an endpoint record (shared so both follow the same rules)."""
+        body = copy.deepcopy(body)
+        tpl: dict[str, Any] = {}
+        if "templateId" in body:
+            found = self.templates.get(body["templateId"])
+            if found is None or (found.owner != acc.id and not found.data["public"]):
+                raise _problem(404, "template not found")
+            if not found.data["serverless"]:
+                raise _problem(422, "template is not a serverless template", ["$.templateId: not serverless"])
+            tpl = copy.deepcopy(found.data)
+            data.update({k: tpl[k] for k in _CONTAINER_KEYS})
+        if "env" in body:  # a template's env is merged per key, body wins; otherwise PATCH replaces env
+            data["env"] = {**tpl.get("env", {}), **body["env"]}
+        if ("gpu" in body and "cpu" in data) or ("cpu" in body and "gpu" in data):
+            raise _problem(400, "an endpoint's compute family (gpu or cpu) cannot change")
+        if "gpu" in body:
+            gpu = data.get("gpu") or {"count": 1, "allowedCudaVersions": [], "minCudaVersion": None}
+            if "pools" in body["gpu"]:  # pools and excludedTypes are one selection (see the OpenAPI)
+                gpu.pop("excludedTypes", None)
+            elif "excludedTypes" in body["gpu"]:
+                raise _problem(422, "Request validation failed.", ["$.gpu: excludedTypes requires pools"])
+            if creating and tpl and not {"allowedCudaVersions", "minCudaVersion"} & body["gpu"].keys():
+                gpu["allowedCudaVersions"] = tpl["allowedCudaVersions"]  # the template seeds CUDA constraints
+            gpu.update(body.pop("gpu"))
+            gpu["minCudaVersion"] = gpu["minCudaVersion"] or None
+            if gpu["allowedCudaVersions"] and gpu["minCudaVersion"]:
+                raise _problem(400, "allowedCudaVersions and minCudaVersion are mutually exclusive")
+            data["gpu"] = gpu
+        if "cpu" in body:
+            data["cpu"] = [{**c, "memory": c["vcpuCount"] * 4} for c in body.pop("cpu")]
+        data["workers"] = {**data["workers"], **body.pop("workers", {})}
+        data.update({k: v for k, v in body.items() if k not in ("env", "templateId")})
+
+    async def endpoints_root(self, request: web.Request) -> web.StreamResponse:
+        acc = self._rest_account(request)
+        if request.method == "GET":
+            mine = [self._endpoint_view(request, e) for e in self.endpoints.values() if e.owner == acc.id]
+            return web.json_response({"endpoints": mine})
+        body = await _json(request, _problem, CREATE_ENDPOINT, 422)
+        errors = [] if "image" in body or "templateId" in body else ["$: missing property 'image'"]
+        if body["type"] == "LOAD_BALANCER" and body["scaling"]["type"] != "REQUEST_COUNT":
+            errors.append("$.scaling: LOAD_BALANCER endpoints take REQUEST_COUNT scaling")
+        if errors:
+            raise _problem(422, "Request validation failed.", errors)
+        if ("gpu" in body) == ("cpu" in body):
+            raise _problem(400, "specify exactly one of gpu or cpu")
+        data: dict[str, Any] = {
+            "id": _rand(14), "name": body["name"], "type": body["type"], "image": None, "args": "",
+            "disk": 50, "ports": [], "env": {}, "registry": None,
+            "workers": {"min": 0, "max": 3, "idleTimeout": 10}, "dataCenterIds": [], "networkVolumes": [],
+            "timeout": 300000, "flashboot": "OFF", "templateId": body.get("templateId"),
+            "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self._apply_endpoint(acc, data, body, creating=True)
+        ep = self.endpoints[data["id"]] = SimEndpoint(acc.id, data)
+        return web.json_response(self._endpoint_view(request, ep), status=201)
+
+    async def endpoint_item(self, request: web.Request) -> web.StreamResponse:
+        acc = self._rest_account(request)
+        ep = self._owned(self.endpoints, request.match_info["id"], acc, "endpoint")
+        if request.method == "DELETE":
+            del self.endpoints[ep.data["id"]]
+            tid = ep.data["templateId"]
+            # the bound template goes too, unless another endpoint still uses it
+            if tid in self.templates and all(e.data["templateId"] != tid for e in self.endpoints.values()):
+                del self.templates[tid]
+            return web.Response(status=204)
+        if request.method == "PATCH":
+            body = await _json(request, _problem, UPDATE_ENDPOINT, 422)
+            updated = copy.deepcopy(ep.data)  # all-or-nothing: a rejected PATCH leaves the endpoint as it was
+            self._apply_endpoint(acc, updated, body, creating=False)
+            ep.data = updated
+        return web.json_response(self._endpoint_view(request, ep))
+
+    # serverless inference
+
+    def _target(self, request: web.Request) -> SimEndpoint:
+        unauthorized = _plain(401, {"error": "Unauthorized"})
+        found = self._identify(request, _bearer(request))
+        if found is None:
+            raise unauthorized
+        ep = self.endpoints.get(request.match_info["endpoint_id"])
+        if ep is None:
+            raise _plain(404, {"error": "endpoint not found"})
+        request[_REC]["endpoint_id"] = ep.data["id"]
+        if ep.owner != found[0].id or ep.knobs.fail == "unauthorized":
+            raise unauthorized
+        if ep.knobs.fail == "http500":
+            raise _plain(500, {"error": "Internal Server Error"})
+        return ep
+
+    async def _worker(self, request: web.Request) -> SimEndpoint:
+        """Resolves the endpoint for a worker-served route: pays the cold start, applies worker faults."""
+        ep = self._target(request)
+        if not ep.warm:
+            await asyncio.sleep(ep.knobs.cold_start_ms / 1000)
+            ep.warm = True
+        if ep.knobs.fail == "worker_error_200":
+            ep.failed += 1
+            raise _plain(200, {"error": {"message": "worker crashed", "type": "worker_error", "code": None}})
+        return ep
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        ep = self._target(request)
+        workers = dict.fromkeys(("idle", "running", "initializing", "ready", "throttled", "unhealthy"), 0)
+        workers.update({"idle": 1, "ready": 1} if ep.knobs.health == "ready" else {ep.knobs.health: 1})
+        jobs = {"completed": ep.completed, "failed": ep.failed, "inProgress": 0, "inQueue": 0, "retried": 0}
+        return web.json_response({"jobs": jobs, "workers": workers})
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        ep = await self._worker(request)
+        body = await _json(request, _error_field, RUN_BODY)
+        job = {"delayTime": 0, "executionTime": 1, "id": f"{uuid.uuid4()}-u1", "output": body["input"],
+               "status": "COMPLETED"}
+        ep.jobs[job["id"]] = job
+        if len(ep.jobs) > MAX_JOBS_PER_ENDPOINT:
+            del ep.jobs[next(iter(ep.jobs))]
+        ep.completed += 1
+        sync = request.match_info["kind"] == "runsync"
+        return web.json_response(job if sync else {"id": job["id"], "status": "IN_QUEUE"})
+
+    async def job(self, request: web.Request) -> web.StreamResponse:
+        ep = self._target(request)
+        job = ep.jobs.get(request.match_info["job_id"])
+        if job is None:
+            raise _plain(404, {"error": "job not found"})
+        action = request.match_info["action"]
+        if action == "cancel":
+            job["status"] = "CANCELLED"
+            return web.json_response({"id": job["id"], "status": "CANCELLED"})
+        if action == "retry":  # the simulated worker finishes instantly, so the retried job is already done
+            job["status"] = "COMPLETED"
+            return web.json_response({"id": job["id"], "status": "IN_QUEUE"})
+        if action == "stream":
+            return web.json_response({"status": job["status"], "stream": [{"output": job["output"]}]})
+        return web.json_response(job)
+
+    async def purge_queue(self, request: web.Request) -> web.StreamResponse:
+        self._target(request)
+        return web.json_response({"removed": 0, "status": "completed"})
+
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        ep = await self._worker(request)
+        route, served = request.match_info["route"].strip("/"), served_models(ep.data["env"])
+        if route == "models" and request.method == "GET":
+            ep.completed += 1
+            created = int(time.time())
+            models = [{"id": m, "object": "model", "created": created, "owned_by": "vllm", "root": m,
+                       "parent": None} for m in served]
+            return web.json_response({"object": "list", "data": models})
+        if request.method != "POST" or route not in ("chat/completions", "completions", "embeddings"):
+            raise _openai_error(404, f"route /v1/{route} not found", "NotFoundError")
+        body = await _json(request, _openai_error_factory, _t(dict))
+        model = body.get("model") or (served[0] if served else "")
+        if served and model not in served:
+            return web.json_response({"code": 404, "message": f"The model `{model}` does not exist.",
+                                      "object": "error", "param": None, "type": "NotFoundError"})
+        ep.completed += 1
+        if route == "embeddings":
+            return self._embeddings(body, model)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None and _t(int, minimum=0)(limit, "max_tokens"):
+            raise _openai_error(400, "max_tokens must be a non-negative integer")
+        if route == "completions":
+            prompt = body.get("prompt", "")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise _openai_error(400, "prompt must be a string or a list of strings")
+            prompt_tokens = sum(len(_words(p)) for p in prompts)
+            return await self._generate(request, ep, body, model, False, prompts, prompt_tokens, limit)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _openai_error(400, "messages must be a list of objects")
+        texts = [_text(m.get("content")) for m in messages]
+        last_user = next((t for m, t in zip(reversed(messages), reversed(texts), strict=True)
+                          if m.get("role") == "user"), "")
+        return await self._generate(request, ep, body, model, True, [last_user],
+                                    sum(len(_words(t)) for t in texts), limit)
+
+    @staticmethod
+    def _embeddings(body: dict[str, Any], model: str) -> web.StreamResponse:
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+            raise _openai_error(400, "input must be a string or a non-empty list of strings")
+        b64 = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec}
+                for i, vec in enumerate(map(_embedding, inputs))]
+        tokens = sum(len(_words(s)) for s in inputs)
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @staticmethod
+    async def _generate(request: web.Request, ep: SimEndpoint, body: dict[str, Any], model: str, chat: bool,
+                        prompts: list[str], prompt_tokens: int, limit: int | None) -> web.StreamResponse:
+        replies = [_reply(p, limit) for p in prompts]
+        completion_tokens = sum(len(words) for words, _ in replies)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        stream = bool(body.get("stream"))
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+                "created": int(time.time()), "model": model}
+
+        def choice(i: int, text: str, finish: str | None, stream: bool,
+                   first: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            if stream:
+                message = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+                return {"index": i, "delta": message, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+
+        if not stream:
+            choices = [choice(i, " ".join(w), fin, False) for i, (w, fin) in enumerate(replies)]
+            return web.json_response({**head, "choices": choices, "usage": usage})
+        chunks = []
+        for i, (words, finish) in enumerate(replies):
+            chunks += [{**head, "choices": [choice(i, w if j == 0 else f" {w}", None, True, j == 0)]}
+                       for j, w in enumerate(words)]
+            chunks.append({**head, "choices": [choice(i, "", finish, True)]})
+        options = body.get("stream_options")
+        if (isinstance(options, dict) and options.get("include_usage") is True) \
+                or ep.data["env"].get("ENABLE_FORCE_INCLUDE_USAGE", "").lower() == "true":
+            chunks.append({**head, "choices": [], "usage": usage})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for n, chunk in enumerate(chunks):
+            if n and ep.knobs.stream_delay_ms:
+                await asyncio.sleep(ep.knobs.stream_delay_ms / 1000)
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # control routes
+
+    async def sim_requests(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            self.requests.clear()
+            return web.Response(status=204)
+        return web.json_response({"requests": list(self.requests)})
+
+    async def sim_accounts(self, request: web.Request) -> web.StreamResponse:
+        body = await _json(request, _error_field, ACCOUNT)
+        try:
+            return web.json_response(self.add_account(body).public(), status=201)
+        except ValueError as exc:
+            raise _plain(409, {"error": str(exc)}) from None
+
+    async def sim_account_keys(self, request: web.Request) -> web.StreamResponse:
+        body = await _json(request, _error_field, KEY)
+        try:
+            self.add_key(request.match_info["id"], body["key"], body.get("read_only", False))
+        except LookupError as exc:
+            raise _plain(404, {"error": str(exc)}) from None
+        except ValueError as exc:
+            raise _plain(409, {"error": str(exc)}) from None
+        return web.json_response(self.accounts[request.match_info["id"]].public(), status=201)
+
+    async def sim_revoke_key(self, request: web.Request) -> web.StreamResponse:
+        found = self.lookup(request.match_info["key"])
+        if found is None:
+            raise _plain(404, {"error": "unknown key"})
+        (found[0].read_only_keys if found[1] else found[0].keys).remove(request.match_info["key"])
+        return web.Response(status=204)
+
+    async def sim_state(self, request: web.Request) -> web.StreamResponse:
+        accounts = [{**acc.public(),
+                     "templates": [t.data for t in self.templates.values() if t.owner == acc.id],
+                     "endpoints": [self._endpoint_view(request, e) for e in self.endpoints.values()
+                                   if e.owner == acc.id]}
+                    for acc in self.accounts.values()]
+        knobs = {eid: dataclasses.asdict(e.knobs) for eid, e in self.endpoints.items()}
+        return web.json_response({"accounts": accounts, "knobs": knobs})
+
+    async def sim_knobs(self, request: web.Request) -> web.StreamResponse:
+        ep = self.endpoints.get(request.match_info["id"])
+        if ep is None:
+            raise _plain(404, {"error": "unknown endpoint"})
+        body = await _json(request, _error_field, KNOBS)
+        ep.knobs = dataclasses.replace(ep.knobs, **body)
+        if "cold_start_ms" in body:  # re-arm: the next worker-served request pays the cold start
+            ep.warm = False
+        return web.json_response(dataclasses.asdict(ep.knobs))
+
+    async def sim_fail_next(self, request: web.Request) -> web.StreamResponse:
+        body = await _json(request, _error_field, FAIL_NEXT)
+        rule = {"status": 500, "times": 1, **body}
+        if "method" in rule:
+            rule["method"] = rule["method"].upper()
+        self.fail_next.append(rule)
+        return web.json_response(rule, status=201)
+
+    async def sim_healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok")
+
+
+_REC = web.RequestKey("runpod_simulator_record", dict[str, Any])
+SIMULATOR = web.AppKey("runpod_simulator", Simulator)
+
+
+def build_app(accounts: list[dict[str, Any]]) -> web.Application:
+    """The simulator as an aiohttp app; its state is reachable as `app[SIMULATOR]`."""
+    sim = Simulator(accounts)
+    app = web.Application(middlewares=[sim.middleware], client_max_size=32 * 1024**2)
+    app[SIMULATOR] = sim
+    r = app.router
+    for path, handler in [
+        ("/_sim/healthz", sim.sim_healthz), ("/_sim/requests", sim.sim_requests),
+        ("/_sim/accounts", sim.sim_accounts), ("/_sim/accounts/{id}/keys", sim.sim_account_keys),
+        ("/_sim/keys/{key}", sim.sim_revoke_key), ("/_sim/state", sim.sim_state),
+        ("/_sim/endpoints/{id}", sim.sim_knobs), ("/_sim/fail-next", sim.sim_fail_next),
+        ("/graphql", sim.graphql),
+        # REST routes come first so /v2/templates/x is never taken for an endpoint id
+        ("/v2/templates", sim.templates_root), ("/v2/templates/{id}", sim.template_item),
+        ("/v2/serverless", sim.endpoints_root), ("/v2/serverless/{id}", sim.endpoint_item),
+        ("/v2/{endpoint_id}/health", sim.health), ("/v2/{endpoint_id}/{kind:run|runsync}", sim.run),
+        ("/v2/{endpoint_id}/{action:status|cancel|retry|stream}/{job_id}", sim.job),
+        ("/v2/{endpoint_id}/purge-queue", sim.purge_queue),
+        ("/v2/{endpoint_id}/openai/v1/{route:.*}", sim.openai),
+    ]:
+        r.add_route("*", path, handler)
+    return app
+
+
+async def serve(host: str = "127.0.0.1", port: int = 0,
+                accounts: list[dict[str, Any]] | None = None) -> tuple[web.AppRunner, int]:
+    """Starts the simulator; returns the runner (call `cleanup()` to stop) and the bound port."""
+    runner = web.AppRunner(build_app(accounts or []), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, int(runner.addresses[0][1])
+
+
+def load_accounts(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    accounts = doc["accounts"] if isinstance(doc, dict) else doc
+    if not isinstance(accounts, list):
+        raise ValueError(f"{path}: expected {{'accounts': [...]}}")
+    return accounts
+
+
+async def _main(args: argparse.Namespace) -> None:
+    runner, port = await serve(args.host, args.port, load_accounts(args.accounts) if args.accounts else [])
+    try:
+        if args.port_file:  # written atomically so a poller never reads a half-written number
+            tmp = f"{args.port_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(str(port))
+            os.replace(tmp, args.port_file)
+        print(f"runpod-simulator listening on http://{args.host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m control.runpod_simulator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--accounts",
+                        help='JSON file: {"accounts": [{"id", "email", "keys", "read_only_keys"}]}')
+    parser.add_argument("--port-file", help="where to write the bound port once listening")
+    asyncio.run(_main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Settings of the control plane, the launcher (`gatewayctl up`) and the CLI, from the environment.
+
+While `gatewayctl up` runs it records the addresses it actually uses (embedded PostgreSQL and Redis,
+the RunPod simulator) in `$GATEWAY_STATE_DIR/runtime.json`; CLI commands fall back to that file, so
+they work against a running stack with no extra setup. An explicit environment variable always wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from control.env import HostPort, env_hostport, env_int, env_opt, env_str
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_FILE = "runtime.json"
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    state_dir: Path
+    listen: HostPort
+    admin: HostPort
+    extauth_listen: HostPort
+    extauth_replicas: int
+    database_url: str | None
+    redis_url: str | None
+    runpod_api_url: str
+    runpod_inference_url: str
+    runpod_urls_given: bool
+    master_key: str | None
+    master_key_file: Path
+    envoy_config: Path
+    access_log: Path
+    runtime: dict[str, Any]
+
+    @classmethod
+    def from_env(cls, use_runtime: bool = True) -> ControlSettings:
+        """`use_runtime=False` is for the launcher itself, which must not inherit a previous run's
+        addresses."""
+        state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway")).resolve()
+        runtime = read_runtime(state_dir) if use_runtime else {}
+        api_url = env_opt("RUNPOD_API_URL")
+        inference_url = env_opt("RUNPOD_INFERENCE_URL")
+        return cls(
+            state_dir=state_dir,
+            listen=env_hostport("GATEWAY_LISTEN", "127.0.0.1:8080"),
+            admin=env_hostport("GATEWAY_ADMIN", "127.0.0.1:9901"),
+            extauth_listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
+            extauth_replicas=env_int("EXTAUTH_REPLICAS", 1, minimum=1),
+            database_url=env_opt("DATABASE_URL") or runtime.get("database_url"),
+            redis_url=env_opt("REDIS_URL") or runtime.get("redis_url"),
+            runpod_api_url=(api_url or runtime.get("runpod_api_url") or "https://api.runpod.io").rstrip("/"),
+            runpod_inference_url=(
+                inference_url or runtime.get("runpod_inference_url") or "https://api.runpod.ai"
+            ).rstrip("/"),
+            runpod_urls_given=bool(api_url or inference_url),
+            master_key=env_opt("GATEWAY_MASTER_KEY"),
+            master_key_file=Path(env_str("GATEWAY_MASTER_KEY_FILE", str(state_dir / "master.key"))),
+            envoy_config=Path(env_str("GATEWAY_ENVOY_CONFIG", str(REPO_ROOT / "envoy" / "envoy.yaml"))),
+            access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))),
+            runtime=runtime,
+        )
+
+
+def read_runtime(state_dir: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((state_dir / RUNTIME_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data
+
+
+def write_runtime(state_dir: Path, data: dict[str, Any]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (RUNTIME_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, state_dir / RUNTIME_FILE)

@@ -1,0 +1,88 @@
+"""Every error the gateway itself answers with, in OpenAI's error shape, in one catalog.
+
+The messages never echo a credential; a client-supplied model name is echoed only truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    code: str
+    message: str
+    type: str = INVALID_REQUEST
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    def body(self) -> str:
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+        )
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= 128 else value[:128] + "..."
+
+
+def missing_api_key() -> Denial:
+    return Denial(
+        401,
+        "invalid_api_key",
+        "You didn't provide an API key. Send it in the Authorization header as `Bearer YOUR_KEY`.",
+    )
+
+
+def invalid_api_key() -> Denial:
+    return Denial(401, "invalid_api_key", "Incorrect API key provided. It may be malformed, unknown or revoked.")
+
+
+def unknown_url(method: str, path: str) -> Denial:
+    return Denial(404, "unknown_url", f"Invalid URL ({_shown(method)} {_shown(path)})")
+
+
+def method_not_allowed(method: str, path: str) -> Denial:
+    return Denial(405, "method_not_allowed", f"{_shown(method)} is not supported on {_shown(path)}")
+
+
+def missing_model() -> Denial:
+    return Denial(400, "missing_model", "You must provide a model parameter in a JSON request body.")
+
+
+def model_not_found(model: str) -> Denial:
+    return Denial(
+        404,
+        "model_not_found",
+        f"The model `{_shown(model)}` does not exist or you do not have access to it.",
+    )
+
+
+def wrong_route_for_model(model: str, route: str) -> Denial:
+    return Denial(
+        400,
+        "model_not_supported",
+        f"The model `{_shown(model)}` does not support /v1/{route}.",
+    )
+
+
+def gateway_unavailable() -> Denial:
+    return Denial(
+        503,
+        "gateway_unavailable",
+        "The gateway is temporarily unable to authorize requests. Retry after the time in Retry-After.",
+        type="server_error",
+    )
+
+
+def rate_limited(limit: int) -> Denial:
+    return Denial(
+        429,
+        "rate_limit_exceeded",
+        f"Rate limit reached for this API key: {limit} requests per minute. "
+        "Retry after the time in Retry-After.",
+        type="requests",
+    )

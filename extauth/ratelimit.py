@@ -1,0 +1,34 @@
+"""Rate-limit response headers: the legacy `X-RateLimit-*` trio, `Retry-After`, and the IETF draft
+`RateLimit-Policy` / `RateLimit` fields, all derived from one bucket verdict so they always agree.
+
+The bucket is a leaky bucket of capacity L/10 draining at L/60 per second (see hotstate.py). In the
+draft's terms that is a quota of L/10 requests per window of the time it takes to drain them (6 s).
+"""
+
+from __future__ import annotations
+
+import math
+
+from extauth.hotstate import Verdict
+
+POLICY_NAME = "per-key"
+
+
+def burst(limit: int) -> int:
+    return max(1, limit // 10)
+
+
+def headers(verdict: Verdict) -> list[tuple[str, str]]:
+    limit = verdict.limit
+    window_s = max(1, round(burst(limit) * 60 / limit))
+    reset_in_s = max(0, math.ceil((verdict.reset_us - verdict.now_us) / 1_000_000))
+    out = [
+        ("x-ratelimit-limit", str(limit)),
+        ("x-ratelimit-remaining", str(verdict.remaining)),
+        ("x-ratelimit-reset", str(math.ceil(verdict.reset_us / 1_000_000))),
+        ("ratelimit-policy", f'"{POLICY_NAME}";q={burst(limit)};w={window_s}'),
+        ("ratelimit", f'"{POLICY_NAME}";r={verdict.remaining};t={reset_in_s}'),
+    ]
+    if verdict.retry_after_us > 0:
+        out.append(("retry-after", str(max(1, math.ceil(verdict.retry_after_us / 1_000_000)))))
+    return out

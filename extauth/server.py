@@ -1,0 +1,61 @@
+"""Entry point: `python -m extauth.server` serves Envoy's ext_authz and gRPC health on EXTAUTH_LISTEN."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import uvloop
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from control.crypto import load_keyring
+from extauth.servicer import AuthorizationServicer
+from extauth.settings import ExtauthSettings
+from extauth.state import StateStore
+
+log = logging.getLogger("extauth")
+
+
+async def serve(settings: ExtauthSettings) -> None:
+    keyring = load_keyring(settings.master_key, settings.master_key_file, create=False)
+    pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False)
+    await pool.open(wait=True, timeout=30)
+    timeout = settings.redis_timeout_ms / 1000
+    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    authz_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(StateStore(pool, keyring, settings.cache_size), redis, settings.redis_failure_mode),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(str(settings.listen))
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("ext_authz listening on %s", settings.listen)
+    print(f"extauth listening on {settings.listen}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Report NOT_SERVING first so Envoy's health check stops sending, then drain what is in flight.
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await redis.aclose()
+    await pool.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s extauth %(levelname)s %(message)s")
+    uvloop.run(serve(ExtauthSettings.from_env()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""ext_authz settings, from the environment (documented in README, "Settings")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from control.env import HostPort, SettingsError, env_choice, env_hostport, env_int, env_opt, env_str
+
+
+@dataclass(frozen=True)
+class ExtauthSettings:
+    listen: HostPort
+    database_url: str
+    redis_url: str
+    master_key: str | None
+    master_key_file: Path
+    cache_size: int
+    cache_ttl_s: int
+    redis_timeout_ms: int
+    redis_failure_mode: str
+    metrics_listen: HostPort | None
+
+    @classmethod
+    def from_env(cls) -> ExtauthSettings:
+        database_url = env_opt("DATABASE_URL")
+        redis_url = env_opt("REDIS_URL")
+        if not database_url or not redis_url:
+            raise SettingsError("ext_authz needs DATABASE_URL and REDIS_URL")
+        state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
+        metrics = env_opt("EXTAUTH_METRICS_LISTEN")
+        return cls(
+            listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
+            database_url=database_url,
+            redis_url=redis_url,
+            master_key=env_opt("GATEWAY_MASTER_KEY"),
+            master_key_file=Path(env_str("GATEWAY_MASTER_KEY_FILE", str(state_dir / "master.key"))),
+            cache_size=env_int("EXTAUTH_CACHE_SIZE", 10_000, minimum=1),
+            cache_ttl_s=env_int("EXTAUTH_CACHE_TTL_S", 300, minimum=1),
+            redis_timeout_ms=env_int("EXTAUTH_REDIS_TIMEOUT_MS", 100, minimum=1),
+            redis_failure_mode=env_choice("RATELIMIT_FAILURE_MODE", "closed", ("closed", "open")),
+            metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
+        )

@@ -1,0 +1,158 @@
+"""What ext_authz knows about keys and workspaces: loaded from PostgreSQL on a miss, then held in bounded
+in-process caches. Freshness is not checked here but on every request by the hot-state script (a
+generation compare in the same Redis round trip as the rate limit), so steady state reads no database.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from psycopg_pool import AsyncConnectionPool
+
+from control.crypto import CryptoError, Keyring, Sealed
+from control.plans import effective_limits
+from extauth.cache import BoundedCache
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    key_id: str
+    workspace_id: str
+    generation: int
+    revoked: bool
+    rpm_limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEntry:
+    deployment_id: str
+    public_name: str
+    modality: str
+    destination: str
+    endpoint_id: str
+    account_id: str | None
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialEntry:
+    account_id: str
+    runpod_key: str = field(repr=False)
+    rejected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceEntry:
+    workspace_id: str
+    plan: str
+    generation: int
+    rpm_default: int
+    rpm_ceiling: int
+    deployments: dict[str, DeploymentEntry]
+    credential: CredentialEntry | None
+    models_body: str  # the /v1/models answer, built once per load
+
+
+class StateStore:
+    def __init__(self, pool: AsyncConnectionPool, keyring: Keyring, capacity: int) -> None:
+        self._pool = pool
+        self._keyring = keyring
+        self.keys: BoundedCache[bytes, KeyEntry] = BoundedCache(capacity)
+        # Digests known not to exist. Keys are 256-bit random, so a digest absent now cannot belong to
+        # a key minted later: this cache never needs invalidating.
+        self.unknown: BoundedCache[bytes, bool] = BoundedCache(capacity)
+        self.workspaces: BoundedCache[str, WorkspaceEntry] = BoundedCache(capacity)
+
+    async def key(self, key_hash: bytes) -> KeyEntry | None:
+        entry = self.keys.get(key_hash)
+        if entry is not None or self.unknown.get(key_hash):
+            return entry
+        return await self.reload_key(key_hash)
+
+    async def reload_key(self, key_hash: bytes) -> KeyEntry | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, workspace_id, generation, revoked_at IS NOT NULL, rpm_limit"
+                " FROM api_keys WHERE key_hash = %s",
+                (key_hash,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            self.keys.discard(key_hash)
+            self.unknown.put(key_hash, True)
+            return None
+        entry = KeyEntry(*row)
+        self.keys.put(key_hash, entry)
+        return entry
+
+    async def workspace(self, workspace_id: str) -> WorkspaceEntry | None:
+        entry = self.workspaces.get(workspace_id)
+        if entry is not None:
+            return entry
+        return await self.reload_workspace(workspace_id)
+
+    async def reload_workspace(self, workspace_id: str) -> WorkspaceEntry | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT plan, generation, rpm_default, rpm_ceiling FROM workspaces WHERE id = %s",
+                (workspace_id,),
+            )
+            ws = await cur.fetchone()
+            if ws is None:
+                self.workspaces.discard(workspace_id)
+                return None
+            cur = await conn.execute(
+                "SELECT id, public_name, modality, destination, endpoint_id, account_id,"
+                " extract(epoch FROM created_at)::bigint"
+                " FROM deployments WHERE workspace_id = %s AND state = 'ready' AND endpoint_id IS NOT NULL"
+                " ORDER BY public_name",
+                (workspace_id,),
+            )
+            deployments = {row[1]: DeploymentEntry(*row) for row in await cur.fetchall()}
+            cur = await conn.execute(
+                "SELECT account_id, key_version, nonce, ciphertext, rejected_at IS NOT NULL"
+                " FROM runpod_credentials WHERE workspace_id = %s",
+                (workspace_id,),
+            )
+            cred_row = await cur.fetchone()
+        plan, generation, rpm_default, rpm_ceiling = ws
+        default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
+        entry = WorkspaceEntry(
+            workspace_id=workspace_id,
+            plan=plan,
+            generation=generation,
+            rpm_default=default,
+            rpm_ceiling=ceiling,
+            deployments=deployments,
+            credential=self._credential(workspace_id, cred_row),
+            models_body=_models_body(deployments),
+        )
+        self.workspaces.put(workspace_id, entry)
+        return entry
+
+    def _credential(
+        self, workspace_id: str, row: tuple[str, int, bytes, bytes, bool] | None
+    ) -> CredentialEntry | None:
+        if row is None:
+            return None
+        account_id, version, nonce, ciphertext, rejected = row
+        try:
+            # The row was selected by this workspace's id and the workspace id is the associated data:
+            # a ciphertext that belongs to any other workspace cannot open here.
+            key = self._keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)
+        except CryptoError:
+            return None
+        return CredentialEntry(account_id, key, rejected)
+
+
+def _models_body(deployments: dict[str, DeploymentEntry]) -> str:
+    return json.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": dep.created, "owned_by": dep.destination}
+                for name, dep in deployments.items()
+            ],
+        }
+    )

@@ -1,0 +1,36 @@
+"""Upstream injection: what an allowed request carries to the customer's endpoint, and nothing more.
+
+The client's credential is replaced by the workspace's RunPod key, the path is rebuilt for the
+deployment's endpoint, the destination header that picks Envoy's cluster is always overwritten, and
+every client header outside a short allowlist is removed, so nothing a client forges (routing headers,
+x-envoy-* retry or timeout controls, forwarded-for chains) reaches routing or the upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
+# absent: compressed responses would hide usage from the access log.
+FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent", "x-request-id"})
+# Envoy's own: it sets x-forwarded-proto itself (use_remote_address) and route matching reads it;
+# authorization and the destination are overwritten, never removed.
+_KEPT = FORWARDED | {"x-forwarded-proto", "authorization"}
+# Read by the route table (envoy/envoy.yaml) to pick the cluster; only ext_authz may set it.
+DESTINATION_HEADER = "x-gateway-destination"
+
+
+def headers_to_remove(client_headers: Iterable[str]) -> list[str]:
+    return [
+        name
+        for name in client_headers
+        if not name.startswith(":") and name not in _KEPT and name != DESTINATION_HEADER
+    ]
+
+
+def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple[str, str]]:
+    return [
+        (":path", path),
+        ("authorization", f"Bearer {runpod_key}"),
+        (DESTINATION_HEADER, destination),
+    ]
