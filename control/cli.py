@@ -38,7 +38,9 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
 
 COMMANDS: dict[tuple[str, ...], Handler] = {
     ("workspace", "create"): lambda ctx, a: workspaces.create(ctx, a.name, a.plan),
-    ("workspace", "set-plan"): lambda ctx, a: workspaces.set_plan(ctx, a.workspace, a.plan, a.rpm_default, a.rpm_ceiling),
+    ("workspace", "set-plan"): lambda ctx, a: workspaces.set_plan(
+        ctx, a.workspace, a.plan, a.rpm_default, a.rpm_ceiling
+    ),
     ("keys", "create"): lambda ctx, a: keys.create(ctx, a.workspace, a.name, a.rpm),
     ("keys", "list"): lambda ctx, a: {"keys": keys.list_keys(ctx, a.workspace)},
     ("keys", "revoke"): lambda ctx, a: keys.revoke(ctx, a.key_id),

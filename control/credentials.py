@@ -65,6 +65,8 @@ def runpod_key(ctx: Context, workspace_id: str) -> tuple[str, str]:
         (workspace_id,),
     ).fetchone()
     if row is None:
-        raise ControlError("byoc_runpod_not_linked", "no RunPod key is linked to this workspace; run `gatewayctl runpod link`")
+        raise ControlError(
+            "byoc_runpod_not_linked", "no RunPod key is linked to this workspace; run `gatewayctl runpod link`"
+        )
     account_id, version, nonce, ciphertext = row
     return account_id, ctx.keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)

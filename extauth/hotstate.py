@@ -32,11 +32,10 @@ end
 PUT_SCRIPT = (
     _PUT
     + """
-put(KEYS[1], ARGV, %d)
+put(KEYS[1], ARGV, HOTSTATE_TTL_S)
 return 1
 """
-    % HOTSTATE_TTL_S
-)
+).replace("HOTSTATE_TTL_S", str(HOTSTATE_TTL_S))
 
 # KEYS: key hash, workspace hash, bucket. ARGV: expected key gen, expected ws gen, key fields count N,
 # N key fields, then workspace fields (empty when not refreshing).
@@ -49,8 +48,8 @@ local n = tonumber(ARGV[3])
 local kf, wf = {}, {}
 for i = 1, n do kf[i] = ARGV[3 + i] end
 for i = 4 + n, #ARGV do wf[#wf + 1] = ARGV[i] end
-put(KEYS[1], kf, %d)
-put(KEYS[2], wf, %d)
+put(KEYS[1], kf, HOTSTATE_TTL_S)
+put(KEYS[2], wf, HOTSTATE_TTL_S)
 local k = redis.call('HMGET', KEYS[1], 'g', 'x', 'r')
 local w = redis.call('HMGET', KEYS[2], 'g', 'd', 'c')
 if (not k[1]) or (not w[1]) then return {-1} end
@@ -71,13 +70,12 @@ if tat - now > tau then
   return {0, limit, 0, math.ceil(tat), math.ceil(tat - tau - now), now}
 end
 local new = tat + interval
-redis.call('SET', KEYS[3], string.format('%%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+redis.call('SET', KEYS[3], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
 local remaining = math.floor((tau - (new - now)) / interval) + 1
 if remaining < 0 then remaining = 0 end
 return {1, limit, remaining, math.ceil(new), 0, now}
 """
-    % (HOTSTATE_TTL_S, HOTSTATE_TTL_S)
-)
+).replace("HOTSTATE_TTL_S", str(HOTSTATE_TTL_S))
 
 ALLOW, OVER_LIMIT, UNKNOWN, STALE, REVOKED = 1, 0, -1, -2, -3
 

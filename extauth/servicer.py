@@ -44,7 +44,7 @@ def _respond(
     return authz.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=authz.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=[_header("content-type", "application/json"), *(_header(k, v) for k, v in headers)],
             body=body,
         ),
@@ -193,7 +193,9 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         return authz.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=authz.OkHttpResponse(
-                headers=[_header(k, v) for k, v in upstream.injected_headers(path, cred.runpod_key, dep.destination)],
+                headers=[
+                    _header(k, v) for k, v in upstream.injected_headers(path, cred.runpod_key, dep.destination)
+                ],
                 headers_to_remove=upstream.headers_to_remove(http.headers.keys()),
                 response_headers_to_add=[_header(k, v) for k, v in limit_headers],
             ),
