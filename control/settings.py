@@ -26,6 +26,8 @@ class ControlSettings:
     admin: HostPort
     extauth_listen: HostPort
     extauth_replicas: int
+    extauth_metrics_listen: HostPort
+    meter_metrics_listen: HostPort
     database_url: str | None
     redis_url: str | None
     runpod_api_url: str
@@ -51,6 +53,8 @@ class ControlSettings:
             admin=env_hostport("GATEWAY_ADMIN", "127.0.0.1:9901"),
             extauth_listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
             extauth_replicas=env_int("EXTAUTH_REPLICAS", 1, minimum=1),
+            extauth_metrics_listen=env_hostport("EXTAUTH_METRICS_LISTEN", "127.0.0.1:9464"),
+            meter_metrics_listen=env_hostport("METER_METRICS_LISTEN", "127.0.0.1:9470"),
             database_url=env_opt("DATABASE_URL") or runtime.get("database_url"),
             redis_url=env_opt("REDIS_URL") or runtime.get("redis_url"),
             runpod_api_url=(api_url or runtime.get("runpod_api_url") or "https://api.runpod.io").rstrip("/"),

@@ -25,6 +25,7 @@ from typing import Any
 from control import envoy_config
 from control.crypto import load_keyring
 from control.embedded import start_postgres, start_redis
+from control.env import HostPort
 from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.net import free_port, wait_for_http, wait_for_port
@@ -37,6 +38,12 @@ ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can 
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
+
+
+def extauth_addresses(first: HostPort, replicas: int) -> list[HostPort]:
+    """Replicas listen on consecutive ports from EXTAUTH_LISTEN (and EXTAUTH_METRICS_LISTEN), each its
+    own endpoint in Envoy's `extauth` cluster, so Envoy balances requests, not just connections."""
+    return [HostPort(first.host, first.port + i) for i in range(replicas)]
 
 
 def envoy_binary() -> str:
@@ -105,17 +112,22 @@ class Stack:
             "EXTAUTH_LISTEN": str(s.extauth_listen),
             "GATEWAY_ACCESS_LOG": str(s.access_log),
         }
-        for i in range(s.extauth_replicas):
-            self._spawn(f"extauth-{i}", [sys.executable, "-m", "extauth.server"], env)
-        if not wait_for_port(s.extauth_listen.host, s.extauth_listen.port, 20):
-            raise self._fail("ext_authz", "extauth-0")
-        self._spawn("meter", [sys.executable, "-m", "meter"], env)
+        replicas = extauth_addresses(s.extauth_listen, s.extauth_replicas)
+        metrics = extauth_addresses(s.extauth_metrics_listen, s.extauth_replicas)
+        for i, address in enumerate(replicas):
+            self._spawn(f"extauth-{i}", [sys.executable, "-m", "extauth.server"],
+                        {**env, "EXTAUTH_LISTEN": str(address), "EXTAUTH_METRICS_LISTEN": str(metrics[i])})
+        for i, address in enumerate(replicas):
+            if not wait_for_port(address.host, address.port, 20):
+                raise self._fail("ext_authz", f"extauth-{i}")
+        self._spawn("meter", [sys.executable, "-m", "meter"],
+                    {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)})
 
         s.access_log.parent.mkdir(parents=True, exist_ok=True)
         s.access_log.touch()
         effective = envoy_config.write(
             envoy_config.render(
-                s.envoy_config, listen=s.listen, admin=s.admin, extauth=[s.extauth_listen],
+                s.envoy_config, listen=s.listen, admin=s.admin, extauth=replicas,
                 runpod_inference_url=inference_url, access_log=s.access_log,
             ),
             s.state_dir / "envoy.effective.yaml",
@@ -137,6 +149,8 @@ class Stack:
             "gateway_url": f"http://{s.listen}",
             "admin_url": f"http://{s.admin}",
             "access_log": str(s.access_log),
+            "extauth_metrics_urls": [f"http://{m}/metrics" for m in metrics],
+            "meter_metrics_url": f"http://{s.meter_metrics_listen}/metrics",
             "ready": False,
         }
         write_runtime(s.state_dir, self.runtime)

@@ -10,10 +10,13 @@ import grpc
 import uvloop
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.metrics import NoOpMeterProvider
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from control.crypto import load_keyring
+from control.telemetry import serve_prometheus
+from extauth.metrics import ExtauthMetrics
 from extauth.servicer import AuthorizationServicer
 from extauth.settings import ExtauthSettings
 from extauth.state import StateStore
@@ -27,9 +30,15 @@ async def serve(settings: ExtauthSettings) -> None:
     await pool.open(wait=True, timeout=30)
     timeout = settings.redis_timeout_ms / 1000
     redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
+    store = StateStore(pool, keyring, settings.cache_size)
+    if settings.metrics_listen is not None:
+        meter = serve_prometheus(settings.metrics_listen, "gateway-extauth").get_meter("extauth")
+    else:
+        meter = NoOpMeterProvider().get_meter("extauth")
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     authz_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(StateStore(pool, keyring, settings.cache_size), redis, settings.redis_failure_mode),
+        AuthorizationServicer(store, redis, settings.redis_failure_mode, ExtauthMetrics(meter, store)),
         server,
     )
     health_servicer = health.aio.HealthServicer()

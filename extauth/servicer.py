@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -16,10 +17,12 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from control import apikeys
 from extauth import errors, hotstate, ratelimit, routes, upstream
 from extauth.errors import Denial
+from extauth.metrics import ExtauthMetrics
 from extauth.state import KeyEntry, StateStore, WorkspaceEntry
 
 log = logging.getLogger("extauth")
@@ -58,16 +61,27 @@ def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, Any]) 
 
 
 class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, store: StateStore, redis: Redis, redis_failure_mode: str) -> None:
+    def __init__(self, store: StateStore, redis: Redis, redis_failure_mode: str, metrics: ExtauthMetrics) -> None:
         self._store = store
         self._redis = redis
         self._decide = redis.register_script(hotstate.DECIDE_SCRIPT)
         self._fail_open = redis_failure_mode == "open"
+        self._metrics = metrics
 
     async def Check(self, request: authz.CheckRequest, context: grpc.aio.ServicerContext) -> authz.CheckResponse:
+        started = time.perf_counter()
+        meta: dict[str, Any] = {}
+        response = await self._check(request, meta)
+        code = meta.get("error_code")
+        self._metrics.decided(
+            "deny" if code else meta.get("decision", "allow"), code or "ok", time.perf_counter() - started
+        )
+        return response
+
+    async def _check(self, request: authz.CheckRequest, meta: dict[str, Any]) -> authz.CheckResponse:
         http = request.attributes.request.http
         path = routes.split_path(http.path)
-        meta: dict[str, Any] = {"route": path}
+        meta["route"] = path
         route = routes.ROUTES.get(path)
         retrieve_model = None
         if route is None and path.startswith(routes.MODEL_PREFIX) and http.method == "GET":
@@ -90,6 +104,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             workspace = await self._store.workspace(key.workspace_id) if key else None
         except Exception:  # database unreachable on a cache miss: fail closed, never forward unchecked
             log.exception("state load failed")
+            self._metrics.database_error()
             return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
         if key is None or workspace is None:
             return _deny(errors.invalid_api_key(), [], meta)
@@ -97,13 +112,17 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
 
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace)
-        except (RedisError, OSError, TimeoutError):
-            log.warning("rate limiter unavailable; failing %s", "open" if self._fail_open else "closed")
+        except (RedisError, OSError, TimeoutError) as exc:
+            mode = "open" if self._fail_open else "closed"
+            log.warning("rate limiter unavailable (%s); failing %s", type(exc).__name__, mode)
+            self._metrics.redis_error(isinstance(exc, (TimeoutError, RedisTimeoutError)))
+            self._metrics.failure_mode(mode)
             if not self._fail_open:
                 return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
             verdict = None
         except Exception:
             log.exception("state load failed")
+            self._metrics.database_error()
             return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
         if verdict is not None and verdict.status == hotstate.REVOKED:
             return _deny(errors.invalid_api_key(), [], meta)

@@ -24,6 +24,22 @@ from control.net import free_port, wait_for_http, wait_for_port
 from tests.support import ROOT, call, running, wait_until
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    import socket
+
+    for _ in range(100):
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no run of free ports")
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with warnings.catch_warnings():
@@ -155,7 +171,9 @@ def start_gateway(
 ) -> Iterator[Gateway]:
     os.chmod(tmp, 0o755)
     state_dir = tmp / "state"
-    listen, admin, extauth = free_port(), free_port(), free_port()
+    replicas = int((extra_env or {}).get("EXTAUTH_REPLICAS", "1"))
+    listen, admin = free_port(), free_port()
+    extauth, extauth_metrics = free_ports(replicas), free_ports(replicas)
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -163,6 +181,8 @@ def start_gateway(
         "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
         "GATEWAY_ADMIN": f"127.0.0.1:{admin}",
         "EXTAUTH_LISTEN": f"127.0.0.1:{extauth}",
+        "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{extauth_metrics}",
+        "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "RUNPOD_API_URL": simulator_url,

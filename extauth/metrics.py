@@ -1,0 +1,58 @@
+"""ext_authz's metrics (OpenTelemetry, served to Prometheus on EXTAUTH_METRICS_LISTEN at `/metrics`).
+
+Exported names (dots become underscores; counters get `_total`):
+- `gateway_extauth_decisions_total{decision="allow"|"deny"|"local", code}`: checks answered; `code` is
+  the OpenAI error code of a denial, or `ok`
+- `gateway_extauth_check_duration_seconds` (histogram): time spent deciding one check
+- `gateway_extauth_cache_lookups_total{cache="key"|"workspace", result="hit"|"miss"}`
+- `gateway_extauth_redis_errors_total{kind="error"|"timeout"}`: failed hot-state calls
+- `gateway_extauth_database_errors_total`: failed loads on a cache miss
+- `gateway_extauth_failure_mode_total{mode="open"|"closed"}`: checks decided by the failure policy
+  because Redis was unavailable
+Labels take only values from the fixed sets above or the error catalog, so cardinality is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from extauth.state import StateStore
+
+_CHECK_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class ExtauthMetrics:
+    def __init__(self, meter: Meter, store: StateStore) -> None:
+        self._store = store
+        self._decisions = meter.create_counter("gateway.extauth.decisions", unit="{check}")
+        self._duration = meter.create_histogram(
+            "gateway.extauth.check.duration", unit="s", explicit_bucket_boundaries_advisory=_CHECK_BUCKETS
+        )
+        self._redis_errors = meter.create_counter("gateway.extauth.redis.errors", unit="{error}")
+        self._db_errors = meter.create_counter("gateway.extauth.database.errors", unit="{error}")
+        self._failure_mode = meter.create_counter("gateway.extauth.failure_mode", unit="{check}")
+        meter.create_observable_counter("gateway.extauth.cache.lookups", callbacks=[self._cache_lookups])
+        self._attrs: dict[tuple[str, str], dict[str, str]] = {}
+
+    def decided(self, decision: str, code: str, seconds: float) -> None:
+        attrs = self._attrs.get((decision, code))
+        if attrs is None:
+            attrs = self._attrs[(decision, code)] = {"decision": decision, "code": code}
+        self._decisions.add(1, attrs)
+        self._duration.record(seconds)
+
+    def redis_error(self, timeout: bool) -> None:
+        self._redis_errors.add(1, {"kind": "timeout" if timeout else "error"})
+
+    def database_error(self) -> None:
+        self._db_errors.add(1)
+
+    def failure_mode(self, mode: str) -> None:
+        self._failure_mode.add(1, {"mode": mode})
+
+    def _cache_lookups(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for name, cache in (("key", self._store.keys), ("workspace", self._store.workspaces)):
+            yield Observation(cache.hits, {"cache": name, "result": "hit"})
+            yield Observation(cache.misses, {"cache": name, "result": "miss"})
