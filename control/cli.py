@@ -47,6 +47,7 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("keys", "set-limit"): lambda ctx, a: keys.set_limit(ctx, a.key_id, a.rpm),
     ("runpod", "link"): lambda ctx, a: credentials.link(ctx, a.workspace, _read_secret("RunPod API key: ")),
     ("runpod", "unlink"): lambda ctx, a: credentials.unlink(ctx, a.workspace),
+    ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
     ("status",): lambda ctx, a: deployments.status(ctx, a.deployment),
     ("teardown",): lambda ctx, a: deployments.teardown(ctx, a.deployment),
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace")
     p = rp.add_parser("unlink", parents=[common])
     p.add_argument("workspace")
+
+    mk = sub.add_parser("master-key", help="the master keyring").add_subparsers(dest="action", required=True)
+    p = mk.add_parser("rotate", parents=[common], help="add a master-key version and re-seal every stored key")
+    p.add_argument("--retire-old", action="store_true", help="then drop the older versions")
 
     p = sub.add_parser("deploy", parents=[common], help="deploy a model on the workspace's RunPod")
     p.add_argument("workspace")

@@ -11,7 +11,7 @@ from typing import Any
 
 from control import hotsync, workspaces
 from control.context import Context
-from control.crypto import Sealed
+from control.crypto import Sealed, save_keyring
 from control.errors import ControlError
 
 
@@ -70,3 +70,51 @@ def runpod_key(ctx: Context, workspace_id: str) -> tuple[str, str]:
         )
     account_id, version, nonce, ciphertext = row
     return account_id, ctx.keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)
+
+
+def mark_rejected(ctx: Context, workspace_id: str) -> bool:
+    """Record that RunPod refused the workspace's key, so requests fail fast until it is re-linked."""
+    with hotsync.changing(ctx) as change:
+        cur = ctx.db.execute(
+            "UPDATE runpod_credentials SET rejected_at = now() WHERE workspace_id = %s AND rejected_at IS NULL",
+            (workspace_id,),
+        )
+        if cur.rowcount:
+            change.workspace(workspace_id)
+    return cur.rowcount > 0
+
+
+def rotate_master_key(ctx: Context, retire_old: bool) -> dict[str, Any]:
+    """Add a master-key version, re-seal every stored RunPod key under it and, with `retire_old`, drop
+    the older versions once nothing uses them. Running services load the new version on their own the
+    first time they meet it, so old and new both work throughout."""
+    path = ctx.settings.master_key_file
+    if ctx.settings.master_key:
+        raise ControlError(
+            "master_key_inline",
+            "GATEWAY_MASTER_KEY is set inline; rotation rewrites the keyring file, so use GATEWAY_MASTER_KEY_FILE",
+        )
+    ctx.keyring = ctx.keyring.with_new_version()
+    save_keyring(ctx.keyring, path)
+    resealed = 0
+    rows = ctx.db.execute("SELECT workspace_id FROM runpod_credentials ORDER BY workspace_id").fetchall()
+    for (workspace_id,) in rows:
+        with hotsync.changing(ctx) as change:
+            row = ctx.db.execute(
+                "SELECT key_version, nonce, ciphertext FROM runpod_credentials WHERE workspace_id = %s FOR UPDATE",
+                (workspace_id,),
+            ).fetchone()
+            if row is None or row[0] == ctx.keyring.current_version:
+                continue
+            plaintext = ctx.keyring.open(Sealed(row[0], bytes(row[1]), bytes(row[2])), workspace_id)
+            sealed = ctx.keyring.seal(plaintext, workspace_id)
+            ctx.db.execute(
+                "UPDATE runpod_credentials SET key_version = %s, nonce = %s, ciphertext = %s WHERE workspace_id = %s",
+                (sealed.key_version, sealed.nonce, sealed.ciphertext, workspace_id),
+            )
+            change.workspace(workspace_id)
+            resealed += 1
+    if retire_old:
+        ctx.keyring = ctx.keyring.without_versions_below(ctx.keyring.current_version)
+        save_keyring(ctx.keyring, path)
+    return {"current_version": ctx.keyring.current_version, "versions": ctx.keyring.versions, "resealed": resealed}

@@ -19,12 +19,11 @@ from control import credentials, hotsync, workspaces
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
-from control.plans import PLANS
+from control.plans import BYOC_MODALITIES, PLANS
 from control.runpod_client import RunPodClient, RunPodError
 
 VLLM_IMAGE = "runpod/worker-v1-vllm:v2.25.2"
 EMBEDDING_IMAGE = "runpod/worker-infinity-embedding:1.1.4"
-BYOC_MODALITIES = ("llm", "embedding")
 _PUBLIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 

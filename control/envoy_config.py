@@ -15,6 +15,7 @@ from control.env import HostPort, SettingsError
 
 LISTENER = "gateway"
 EXTAUTH_CLUSTER = "extauth"
+EXTAUTH_ADMIN_CLUSTER = "extauth_admin"
 RUNPOD_CLUSTER = "runpod"
 
 
@@ -41,6 +42,7 @@ def render(
     listen: HostPort,
     admin: HostPort,
     extauth: list[HostPort],
+    extauth_admin: list[HostPort],
     runpod_inference_url: str,
     access_log: Path,
 ) -> dict[str, Any]:
@@ -56,6 +58,7 @@ def render(
                     log["typed_config"]["path"] = str(access_log)
 
     _set_endpoints(_named(resources["clusters"], EXTAUTH_CLUSTER, "cluster"), extauth)
+    _set_endpoints(_named(resources["clusters"], EXTAUTH_ADMIN_CLUSTER, "cluster"), extauth_admin)
 
     url = urlsplit(runpod_inference_url)
     if url.scheme not in ("http", "https") or not url.hostname:

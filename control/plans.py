@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLAN_ORDER = ("starter", "pro", "team", "enterprise")
+# What may run on a customer's own RunPod account; the managed destination serves every modality.
+BYOC_MODALITIES = ("llm", "embedding")
 
 
 @dataclass(frozen=True)

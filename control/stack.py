@@ -65,16 +65,24 @@ class Stack:
         self.logs = settings.state_dir / "logs"
         self._stopping = threading.Event()
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Child:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, cwd=cwd,
             )
         child = Child(name, proc)
         self.children.append(child)
         return child
+
+    def _envoy(self, env: dict[str, str], config: Path) -> None:
+        s = self.settings
+        self._spawn("envoy", [
+            envoy_binary(), "-c", str(config), "--log-level", "warning",
+            "--file-flush-interval-msec", str(ENVOY_FLUSH_MS),
+            "--use-dynamic-base-id", "--base-id-path", str(s.state_dir / "envoy.base-id"),
+        ], env, cwd=s.envoy_config.parent.parent)
 
     def _fail(self, what: str, name: str) -> ControlError:
         return ControlError("start_failed", f"{what} did not start; see {self.logs / (name + '.log')}")
@@ -127,16 +135,12 @@ class Stack:
         s.access_log.touch()
         effective = envoy_config.write(
             envoy_config.render(
-                s.envoy_config, listen=s.listen, admin=s.admin, extauth=replicas,
+                s.envoy_config, listen=s.listen, admin=s.admin, extauth=replicas, extauth_admin=metrics,
                 runpod_inference_url=inference_url, access_log=s.access_log,
             ),
             s.state_dir / "envoy.effective.yaml",
         )
-        self._spawn("envoy", [
-            envoy_binary(), "-c", str(effective), "--log-level", "warning",
-            "--file-flush-interval-msec", str(ENVOY_FLUSH_MS),
-            "--use-dynamic-base-id", "--base-id-path", str(s.state_dir / "envoy.base-id"),
-        ], env)
+        self._envoy(env, effective)
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
 

@@ -75,6 +75,7 @@ def gateway_unavailable() -> Denial:
         "gateway_unavailable",
         "The gateway is temporarily unable to authorize requests. Retry after the time in Retry-After.",
         type="server_error",
+        headers=(("retry-after", "1"),),
     )
 
 
@@ -85,4 +86,44 @@ def rate_limited(limit: int) -> Denial:
         f"Rate limit reached for this API key: {limit} requests per minute. "
         "Retry after the time in Retry-After.",
         type="requests",
+    )
+
+
+def byoc_plan_required(plan: str) -> Denial:
+    return Denial(
+        403,
+        "byoc_plan_required",
+        f"Inference on your own RunPod deployments needs plan Pro or above (this workspace: {plan}); "
+        "it is suspended until the workspace upgrades or redeploys on the managed destination.",
+    )
+
+
+def byoc_runpod_not_linked() -> Denial:
+    return Denial(
+        403, "byoc_runpod_not_linked", "No RunPod API key is linked to this workspace. Connect RunPod in Settings."
+    )
+
+
+def byoc_modality_unsupported(modality: str) -> Denial:
+    return Denial(
+        400,
+        "byoc_modality_unsupported",
+        f"{modality} models cannot run on your own RunPod account; deploy them on the managed destination.",
+    )
+
+
+def byoc_runpod_key_rejected() -> Denial:
+    return Denial(
+        403,
+        "byoc_runpod_key_rejected",
+        "RunPod rejected the API key linked to this workspace. Reconnect RunPod in Settings.",
+    )
+
+
+def byoc_account_mismatch() -> Denial:
+    return Denial(
+        403,
+        "byoc_runpod_key_rejected",
+        "The RunPod account linked to this workspace does not own this model's endpoint. "
+        "Reconnect RunPod in Settings with the account that deployed it, or redeploy.",
     )

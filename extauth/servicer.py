@@ -20,10 +20,11 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from control import apikeys
+from control.plans import BYOC_MODALITIES, PLANS
 from extauth import errors, hotstate, ratelimit, routes, upstream
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
-from extauth.state import KeyEntry, StateStore, WorkspaceEntry
+from extauth.state import DeploymentEntry, KeyEntry, StateStore, WorkspaceEntry
 
 log = logging.getLogger("extauth")
 
@@ -58,6 +59,24 @@ def _respond(
 def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, Any]) -> authz.CheckResponse:
     meta["error_code"] = denial.code
     return _respond(denial.status, denial.body(), [*headers, *denial.headers], meta)
+
+
+def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry) -> Denial | None:
+    """Why a bring-your-own-RunPod deployment cannot be signed for now, if it cannot."""
+    if not PLANS[workspace.plan].byoc_allowed:
+        return errors.byoc_plan_required(workspace.plan)
+    if dep.modality not in BYOC_MODALITIES:
+        return errors.byoc_modality_unsupported(dep.modality)
+    cred = workspace.credential
+    if cred is None:
+        return errors.byoc_runpod_not_linked()
+    if not cred.usable:
+        return errors.gateway_unavailable()
+    if cred.rejected:
+        return errors.byoc_runpod_key_rejected()
+    if dep.account_id is not None and cred.account_id != dep.account_id:
+        return errors.byoc_account_mismatch()
+    return None
 
 
 class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -105,7 +124,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         except Exception:  # database unreachable on a cache miss: fail closed, never forward unchecked
             log.exception("state load failed")
             self._metrics.database_error()
-            return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
+            return _deny(errors.gateway_unavailable(), [], meta)
         if key is None or workspace is None:
             return _deny(errors.invalid_api_key(), [], meta)
         meta.update(workspace_id=key.workspace_id, key_id=key.key_id)
@@ -118,12 +137,12 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             self._metrics.redis_error(isinstance(exc, (TimeoutError, RedisTimeoutError)))
             self._metrics.failure_mode(mode)
             if not self._fail_open:
-                return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
+                return _deny(errors.gateway_unavailable(), [], meta)
             verdict = None
         except Exception:
             log.exception("state load failed")
             self._metrics.database_error()
-            return _deny(errors.gateway_unavailable(), [("retry-after", "1")], meta)
+            return _deny(errors.gateway_unavailable(), [], meta)
         if verdict is not None and verdict.status == hotstate.REVOKED:
             return _deny(errors.invalid_api_key(), [], meta)
         limit_headers = ratelimit.headers(verdict) if verdict and verdict.limit else []
@@ -201,12 +220,16 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         dep = workspace.deployments.get(model)
         if dep is None:
             return _deny(errors.model_not_found(model), limit_headers, meta)
+        if dep.destination == "runpod":
+            denial = byoc_denial(workspace, dep)
+            if denial is not None:
+                return _deny(denial, limit_headers, meta)
         if dep.modality not in route.modalities:
             return _deny(errors.wrong_route_for_model(model, route.name), limit_headers, meta)
         cred = workspace.credential
         path = routes.upstream_path(dep.endpoint_id, route)
         if cred is None or path is None:
-            return _deny(errors.gateway_unavailable(), [*limit_headers, ("retry-after", "1")], meta)
+            return _deny(errors.gateway_unavailable(), limit_headers, meta)
         meta.update(deployment_id=dep.deployment_id, destination=dep.destination, decision="allow")
         http = request.attributes.request.http
         return authz.CheckResponse(

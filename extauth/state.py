@@ -6,6 +6,8 @@ generation compare in the same Redis round trip as the rate limit), so steady st
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
@@ -13,6 +15,8 @@ from psycopg_pool import AsyncConnectionPool
 from control.crypto import CryptoError, Keyring, Sealed
 from control.plans import effective_limits
 from extauth.cache import BoundedCache
+
+log = logging.getLogger("extauth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,9 @@ class CredentialEntry:
     account_id: str
     runpod_key: str = field(repr=False)
     rejected: bool
+    # False when the stored ciphertext does not open for this workspace: altered, moved from another
+    # workspace, or sealed under a master key this process cannot load.
+    usable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +62,12 @@ class WorkspaceEntry:
 
 
 class StateStore:
-    def __init__(self, pool: AsyncConnectionPool, keyring: Keyring, capacity: int) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, keyring: Keyring, capacity: int, reload_keyring: Callable[[], Keyring]
+    ) -> None:
         self._pool = pool
         self._keyring = keyring
+        self._reload_keyring = reload_keyring
         self.keys: BoundedCache[bytes, KeyEntry] = BoundedCache(capacity)
         # Digests known not to exist. Keys are 256-bit random, so a digest absent now cannot belong to
         # a key minted later: this cache never needs invalidating.
@@ -137,12 +147,16 @@ class StateStore:
         if row is None:
             return None
         account_id, version, nonce, ciphertext, rejected = row
+        if version not in self._keyring.versions:
+            # Sealed under a master-key version added by a rotation since this process started.
+            self._keyring = self._reload_keyring()
         try:
             # The row was selected by this workspace's id and the workspace id is the associated data:
             # a ciphertext that belongs to any other workspace cannot open here.
             key = self._keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)
-        except CryptoError:
-            return None
+        except CryptoError as exc:
+            log.error("workspace %s: stored RunPod key unusable: %s", workspace_id, exc)
+            return CredentialEntry(account_id, "", rejected, usable=False)
         return CredentialEntry(account_id, key, rejected)
 
 

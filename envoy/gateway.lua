@@ -1,0 +1,108 @@
+-- Response handling for requests ext_authz forwarded to a customer's endpoint (decision "allow").
+--
+-- 1. Streamed (SSE) responses: read token usage as the chunks pass, without buffering or delaying
+--    them, into dynamic metadata `gateway.usage` for the access log (JSON responses are read by the
+--    json_to_metadata filter instead).
+-- 2. RunPod's OpenAI route can answer HTTP 200 with a worker error body: the client gets a real error
+--    status in OpenAI's shape instead.
+-- 3. RunPod refusing the customer's key (401/403): the client is told to reconnect RunPod, and the
+--    gateway is told, so the next requests fail fast without calling RunPod.
+-- 4. Any other upstream failure is answered in OpenAI's shape, pointing at the RunPod console.
+--
+-- Envoy's Lua has no JSON library; the patterns below only ever look at the unescaped structure of a
+-- JSON document, where a model's output (always inside an escaped string) cannot imitate them.
+
+local USAGE = "gateway.usage"
+local AUTHZ = "envoy.filters.http.ext_authz"
+-- Bytes kept from the previous chunk, so a usage object split across two chunks is still found.
+local CARRY = 512
+
+local function error_body(message, kind, code)
+  local escaped = message:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" else return " " end
+  end)
+  return string.format('{"error":{"message":"%s","type":"%s","param":null,"code":"%s"}}', escaped, kind, code)
+end
+
+-- Replaces the upstream's answer. Call it before anything that yields (httpCall): once a yield let
+-- the upstream body stream on, it can no longer be replaced.
+local function replace(handle, status, body)
+  handle:body(true):setBytes(body)
+  -- body() waited for the whole upstream body: take the headers afresh after it.
+  local headers = handle:headers()
+  headers:replace(":status", tostring(status))
+  headers:replace("content-type", "application/json")
+  headers:remove("content-encoding")
+  headers:replace("content-length", tostring(#body))
+end
+
+local function record_usage(handle, text)
+  local usage = nil
+  -- The usage object of an OpenAI stream is in the last event that carries one.
+  for candidate in text:gmatch('"usage"%s*:%s*(%b{})') do usage = candidate end
+  if usage == nil then return end
+  local prompt = usage:match('"prompt_tokens"%s*:%s*(%d+)')
+  local completion = usage:match('"completion_tokens"%s*:%s*(%d+)')
+  -- Wrapper objects do not survive a yield: fetch the metadata afresh each time.
+  local meta = handle:streamInfo():dynamicMetadata()
+  if prompt then meta:set(USAGE, "prompt_tokens", tonumber(prompt)) end
+  if completion then meta:set(USAGE, "completion_tokens", tonumber(completion)) end
+  local model = text:match('"model"%s*:%s*"([^"\\]*)"')
+  if model then meta:set(USAGE, "model", model) end
+end
+
+local function scan_stream(handle)
+  local tail = ""
+  for chunk in handle:bodyChunks() do
+    local bytes = chunk:getBytes(0, chunk:length())
+    local window = tail .. bytes
+    if window:find('"usage"%s*:%s*{') then record_usage(handle, window) end
+    tail = window:sub(-CARRY)
+  end
+end
+
+local function worker_error(body)
+  -- vLLM: {"object":"error","message":...,"code":404}; the RunPod handler: {"error":{"message":...}}
+  if body:find('^%s*{%s*"error"%s*:%s*{') or body:find('"object"%s*:%s*"error"') then
+    local message = body:match('"message"%s*:%s*"(.-)"%s*[,}]') or "the model worker failed"
+    local code = tonumber(body:match('"code"%s*:%s*(%d%d%d)'))
+    if code == nil or code < 400 or code > 599 then code = 502 end
+    return code, message
+  end
+  return nil
+end
+
+function envoy_on_response(handle)
+  local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ)
+  if authz == nil or authz["decision"] ~= "allow" then return end
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  local content_type = headers:get("content-type") or ""
+
+  if status == 200 and content_type:find("text/event-stream", 1, true) then
+    scan_stream(handle)
+  elseif status == 200 then
+    local code, message = worker_error(handle:body():getBytes(0, handle:body():length()))
+    if code then
+      replace(handle, code, error_body("The model worker returned an error: " .. message, "upstream_error",
+        "worker_error"))
+    end
+  elseif status == 401 or status == 403 then
+    replace(handle, 403, error_body(
+      "RunPod rejected the API key linked to this workspace. Reconnect RunPod in Settings.",
+      "invalid_request_error", "byoc_runpod_key_rejected"))
+    -- Synchronous on purpose: the answer leaves only once the credential is marked, so the client's
+    -- next request already fails fast.
+    handle:httpCall("extauth_admin", {
+      [":method"] = "POST", [":path"] = "/internal/credential-rejected", [":authority"] = "extauth",
+      ["content-type"] = "text/plain",
+    }, authz["workspace_id"] or "", 1000)
+  elseif status == 429 then
+    replace(handle, 429, error_body("RunPod is rate-limiting this endpoint. Retry after the time in Retry-After.",
+      "requests", "upstream_rate_limited"))
+  elseif status >= 500 or status == 404 then
+    replace(handle, status == 404 and 502 or status, error_body(
+      "The model endpoint is unreachable or failed (HTTP " .. status .. "). "
+      .. "Check the endpoint in your RunPod console.", "server_error", "upstream_unavailable"))
+  end
+end

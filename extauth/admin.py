@@ -1,0 +1,58 @@
+"""Each ext_authz replica's admin HTTP port (EXTAUTH_METRICS_LISTEN): `/metrics` for Prometheus,
+`/ready` for orchestration, and `POST /internal/credential-rejected`, which envoy/gateway.lua calls when
+RunPod refuses a workspace's key. The port is for the internal network only; Envoy never routes client
+traffic to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from control import credentials
+from control.context import open_context
+from control.settings import ControlSettings
+
+log = logging.getLogger("extauth")
+_WORKSPACE_RE = re.compile(r"ws_[a-z0-9]{1,64}")
+
+
+def _mark_rejected(workspace_id: str) -> bool:
+    with open_context(ControlSettings.from_env()) as ctx:
+        return credentials.mark_rejected(ctx, workspace_id)
+
+
+def build_app(is_ready: Callable[[], bool]) -> web.Application:
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.Response(text="ready" if is_ready() else "draining", status=200 if is_ready() else 503)
+
+    async def credential_rejected(request: web.Request) -> web.Response:
+        workspace_id = (await request.text()).strip()
+        if _WORKSPACE_RE.fullmatch(workspace_id) is None:
+            return web.Response(status=400, text="workspace id expected")
+        marked = await asyncio.to_thread(_mark_rejected, workspace_id)
+        if marked:
+            log.warning("RunPod refused the key of workspace %s; marked until it is re-linked", workspace_id)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ready", ready)
+    app.router.add_post("/internal/credential-rejected", credential_rejected)
+    return app
+
+
+async def serve(host: str, port: int, is_ready: Callable[[], bool]) -> web.AppRunner:
+    runner = web.AppRunner(build_app(is_ready), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("admin on %s:%s (pid %s)", host, port, os.getpid())
+    return runner
