@@ -33,6 +33,8 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
         gpu_pools=tuple(a.gpu or ("ADA_24",)), workers_max=a.workers_max,
         idle_timeout_s=a.idle_timeout, wait_timeout_s=a.wait_timeout,
     )
+    if a.dry_run:
+        return deployments.dry_run(ctx, a.workspace, opts, a.utilization)
     return deployments.deploy(ctx, a.workspace, opts)
 
 
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-max", type=int, default=3)
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")
     p.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the endpoint")
+    p.add_argument("--dry-run", action="store_true", help="print what would be created and its projected cost")
+    p.add_argument("--utilization", type=float, default=0.1,
+                   help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     for name in ("status", "teardown"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("deployment")

@@ -81,6 +81,41 @@ def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> 
         raise ControlError("invalid_name", "a model name is 1-128 letters, digits and . _ : / -")
 
 
+SECONDS_PER_MONTH = 30 * 24 * 3600
+
+
+def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) -> dict[str, Any]:
+    """What `deploy` would create, and what the endpoint would cost a month if workers were busy for
+    `utilization` of the time (Flex workers bill per second only while running)."""
+    if not 0 < utilization <= 1:
+        raise ControlError("invalid_utilization", "--utilization is a fraction between 0 and 1")
+    ws = workspaces.resolve(ctx, ws_ref)
+    _check_deployable(ctx, ws, opts)
+    _account, key = credentials.runpod_key(ctx, ws["id"])
+    prices = {gpu.get("pool"): gpu["price"].get("serverless") for gpu in ctx.runpod(key).gpu_catalog()}
+    pools = []
+    for pool in opts.gpu_pools:
+        per_hour = prices.get(pool)
+        if per_hour is None:
+            raise ControlError("unknown_gpu_pool", f"RunPod lists no serverless price for GPU pool {pool!r}")
+        per_second = float(per_hour) / 3600
+        pools.append({
+            "pool": pool, "usd_per_second": round(per_second, 8),
+            "projected_monthly_usd_per_worker": round(per_second * SECONDS_PER_MONTH * utilization, 2),
+        })
+    name = "gw-<deployment id>"
+    return {
+        "dry_run": True,
+        "workspace_id": ws["id"],
+        "template": _template_body(name, opts),
+        "endpoint": _endpoint_body(name, "<template id>", opts),
+        "utilization": utilization,
+        "gpu_pools": pools,
+        # The first pool is the preferred one; a busier endpoint scales to more workers at this rate each.
+        "projected_monthly_usd": pools[0]["projected_monthly_usd_per_worker"],
+    }
+
+
 def deploy(
     ctx: Context, ws_ref: str, opts: DeployOptions, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:

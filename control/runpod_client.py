@@ -85,6 +85,10 @@ class RunPodClient:
             if exc.status != 404:
                 raise
 
+    def gpu_catalog(self) -> list[dict[str, Any]]:
+        listing = self._rest("GET", "/catalog/gpus")
+        return list(listing.get("gpus", []))
+
     def find_endpoint(self, name: str) -> dict[str, Any] | None:
         listing = self._rest("GET", "/serverless")
         return next((e for e in listing.get("endpoints", []) if e.get("name") == name), None)

@@ -7,6 +7,7 @@ Served routes
     POST /graphql                                  `myself { id email }`; Bearer or `?api_key=`
     GET|POST /v2/templates, GET|PATCH|DELETE /v2/templates/{id}
     GET|POST /v2/serverless, GET|PATCH|DELETE /v2/serverless/{id}
+    GET /v2/catalog/gpus                           a fixed GPU catalog with serverless list prices
     GET /v2/{endpoint}/health, POST /v2/{endpoint}/run|runsync|purge-queue,
     * /v2/{endpoint}/status|cancel|retry|stream/{job}
     GET /v2/{endpoint}/openai/v1/models, POST .../chat/completions|completions|embeddings
@@ -414,6 +415,10 @@ class Simulator:
 
     # REST v2
 
+    async def catalog_gpus(self, request: web.Request) -> web.StreamResponse:
+        self._rest_account(request)
+        return web.json_response({"gpus": GPU_CATALOG})
+
     def _rest_account(self, request: web.Request) -> Account:
         key = _bearer(request)
         if key is None:
@@ -785,6 +790,23 @@ _REC = web.RequestKey("runpod_simulator_record", dict[str, Any])
 SIMULATOR = web.AppKey("runpod_simulator", Simulator)
 
 
+def _gpu(gpu_id: str, name: str, pool: str, memory: int, per_hour: float) -> dict[str, Any]:
+    return {"id": gpu_id, "name": name, "pool": pool, "manufacturer": "NVIDIA", "memory": memory,
+            "secure": True, "community": True, "maxCount": {"secure": 8, "community": 4},
+            "price": {"secure": round(per_hour * 0.6, 2), "community": round(per_hour * 0.4, 2),
+                      "serverless": per_hour}}
+
+
+# A few GPU types in the shape of GET /v2/catalog/gpus (GpuType), with fixed list prices.
+GPU_CATALOG = [
+    _gpu("NVIDIA RTX A4000", "RTX A4000", "AMPERE_16", 16, 0.58),
+    _gpu("NVIDIA GeForce RTX 4090", "RTX 4090", "ADA_24", 24, 1.1),
+    _gpu("NVIDIA L40S", "L40S", "ADA_48_PRO", 48, 1.9),
+    _gpu("NVIDIA A100 80GB PCIe", "A100 80GB", "AMPERE_80", 80, 2.72),
+    _gpu("NVIDIA H100 80GB HBM3", "H100 80GB", "ADA_80_PRO", 80, 4.18),
+]
+
+
 def build_app(accounts: list[dict[str, Any]]) -> web.Application:
     """The simulator as an aiohttp app; its state is reachable as `app[SIMULATOR]`."""
     sim = Simulator(accounts)
@@ -800,6 +822,7 @@ def build_app(accounts: list[dict[str, Any]]) -> web.Application:
         # REST routes come first so /v2/templates/x is never taken for an endpoint id
         ("/v2/templates", sim.templates_root), ("/v2/templates/{id}", sim.template_item),
         ("/v2/serverless", sim.endpoints_root), ("/v2/serverless/{id}", sim.endpoint_item),
+        ("/v2/catalog/gpus", sim.catalog_gpus),
         ("/v2/{endpoint_id}/health", sim.health), ("/v2/{endpoint_id}/{kind:run|runsync}", sim.run),
         ("/v2/{endpoint_id}/{action:status|cancel|retry|stream}/{job_id}", sim.job),
         ("/v2/{endpoint_id}/purge-queue", sim.purge_queue),

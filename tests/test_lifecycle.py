@@ -108,3 +108,19 @@ def test_status_reports_health_and_teardown_tolerates_gone_resources(gateway: Ga
     templates, endpoints = resources(simulator, t.account_id)
     assert all(e["id"] != endpoint for e in endpoints)
     assert len(templates) == 1  # only the embedding deployment's template is left
+
+
+def test_dry_run_prints_the_plan_and_projected_cost_and_creates_nothing(
+    gateway: Gateway, simulator: Simulator
+) -> None:
+    t = make_tenant(gateway, simulator)
+    before = resources(simulator, t.account_id)
+    plan = gateway.ctl_json("deploy", t.workspace_id, "--model", "org/big", "--modality", "llm", "--dry-run",
+                            "--gpu", "ADA_24", "--gpu", "AMPERE_80", "--utilization", "0.25")
+    assert plan["dry_run"] is True
+    assert plan["template"]["env"]["MODEL_NAME"] == "org/big"
+    assert plan["endpoint"]["workers"]["min"] == 0  # Flex: scales to zero
+    # ADA_24 lists at $1.10 per hour in the simulator's catalog: per second, 30 days, a quarter of the time.
+    assert plan["projected_monthly_usd"] == round(1.10 / 3600 * 30 * 24 * 3600 * 0.25, 2)
+    assert [p["pool"] for p in plan["gpu_pools"]] == ["ADA_24", "AMPERE_80"]
+    assert resources(simulator, t.account_id) == before
