@@ -8,9 +8,10 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
-from control import credentials, deployments, keys, stack, workspaces
+from control import credentials, deployments, keys, spend, stack, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -27,11 +28,15 @@ def _read_secret(prompt: str) -> str:
     return sys.stdin.readline().strip()
 
 
+def _usd_or_none(text: str) -> Decimal | None:
+    return None if text.lower() == "none" else Decimal(text)
+
+
 def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
     opts = deployments.DeployOptions(
         model=a.model, modality=a.modality, public_name=a.name or a.model,
         gpu_pools=tuple(a.gpu or ("ADA_24",)), workers_max=a.workers_max,
-        idle_timeout_s=a.idle_timeout, wait_timeout_s=a.wait_timeout,
+        idle_timeout_s=a.idle_timeout, wait_timeout_s=a.wait_timeout, destination=a.destination,
     )
     if a.dry_run:
         return deployments.dry_run(ctx, a.workspace, opts, a.utilization)
@@ -49,6 +54,8 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("keys", "set-limit"): lambda ctx, a: keys.set_limit(ctx, a.key_id, a.rpm),
     ("runpod", "link"): lambda ctx, a: credentials.link(ctx, a.workspace, _read_secret("RunPod API key: ")),
     ("runpod", "unlink"): lambda ctx, a: credentials.unlink(ctx, a.workspace),
+    ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
+    ("prices", "set"): lambda ctx, a: spend.set_price(ctx, a.scope, a.ref, a.input, a.output),
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
     ("status",): lambda ctx, a: deployments.status(ctx, a.deployment),
@@ -74,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", choices=list(PLANS))
     p.add_argument("--rpm-default", type=int)
     p.add_argument("--rpm-ceiling", type=int)
+
+    p = ws.add_parser("set-spend-limit", parents=[common], help="monthly cap on managed inference spend")
+    p.add_argument("workspace")
+    p.add_argument("usd", type=_usd_or_none, help="US dollars per month, or `none`")
+
+    pr = sub.add_parser("prices", help="per-token prices of managed models").add_subparsers(
+        dest="action", required=True)
+    p = pr.add_parser("set", parents=[common])
+    p.add_argument("ref", help="a public model name, or a deployment id with --deployment")
+    p.add_argument("--deployment", dest="scope", action="store_const", const="deployment", default="model")
+    p.add_argument("--input", type=Decimal, required=True, help="USD per million input tokens")
+    p.add_argument("--output", type=Decimal, required=True, help="USD per million output tokens")
 
     ks = sub.add_parser("keys", help="gateway API keys").add_subparsers(dest="action", required=True)
     p = ks.add_parser("create", parents=[common], help="mint a key (printed once)")
@@ -103,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model id")
     p.add_argument("--modality", required=True, choices=["llm", "embedding", "image", "speech", "voice"])
     p.add_argument("--name", help="the model name clients send (default: --model)")
+    p.add_argument("--destination", choices=["runpod", "managed"], default="runpod",
+                   help="the workspace's own RunPod account (default) or the managed destination")
     p.add_argument("--gpu", action="append", help="GPU pool, in order of preference (default ADA_24)")
     p.add_argument("--workers-max", type=int, default=3)
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")

@@ -36,6 +36,7 @@ class DeployOptions:
     workers_max: int = 3
     idle_timeout_s: int = 5
     wait_timeout_s: float = 600.0
+    destination: str = "runpod"
 
 
 def _template_body(name: str, opts: DeployOptions) -> dict[str, Any]:
@@ -68,6 +69,12 @@ def _endpoint_body(name: str, template_id: str, opts: DeployOptions) -> dict[str
 
 
 def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> None:
+    if _PUBLIC_NAME_RE.fullmatch(opts.public_name) is None:
+        raise ControlError("invalid_name", "a model name is 1-128 letters, digits and . _ : / -")
+    if opts.destination == "managed":
+        if not ctx.settings.managed_api_key:
+            raise ControlError("managed_not_configured", "the managed destination needs GATEWAY_MANAGED_API_KEY")
+        return
     if opts.modality not in BYOC_MODALITIES:
         raise ControlError(
             "byoc_modality_unsupported",
@@ -77,11 +84,19 @@ def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> 
         raise ControlError(
             "byoc_plan_required", f"bring-your-own RunPod needs plan pro or above (this workspace: {ws['plan']})"
         )
-    if _PUBLIC_NAME_RE.fullmatch(opts.public_name) is None:
-        raise ControlError("invalid_name", "a model name is 1-128 letters, digits and . _ : / -")
 
 
 SECONDS_PER_MONTH = 30 * 24 * 3600
+
+
+def _runpod_for(ctx: Context, workspace_id: str, destination: str) -> tuple[str | None, RunPodClient]:
+    """The account and client a deployment's resources live under: the workspace's own RunPod account,
+    or the platform's for the managed destination."""
+    if destination == "managed":
+        return None, RunPodClient(ctx.settings.runpod_api_url, ctx.settings.managed_api_key or "",
+                                  ctx.settings.managed_url)
+    account_id, key = credentials.runpod_key(ctx, workspace_id)
+    return account_id, ctx.runpod(key)
 
 
 def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) -> dict[str, Any]:
@@ -91,8 +106,8 @@ def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) 
         raise ControlError("invalid_utilization", "--utilization is a fraction between 0 and 1")
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
-    _account, key = credentials.runpod_key(ctx, ws["id"])
-    prices = {gpu.get("pool"): gpu["price"].get("serverless") for gpu in ctx.runpod(key).gpu_catalog()}
+    _account, client = _runpod_for(ctx, ws["id"], opts.destination)
+    prices = {gpu.get("pool"): gpu["price"].get("serverless") for gpu in client.gpu_catalog()}
     pools = []
     for pool in opts.gpu_pools:
         per_hour = prices.get(pool)
@@ -122,8 +137,7 @@ def deploy(
     say = progress or (lambda message: print(message, file=sys.stderr))
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
-    account_id, key = credentials.runpod_key(ctx, ws["id"])
-    client = ctx.runpod(key)
+    account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
 
     row = ctx.db.execute(
         "SELECT id, state, model, modality, template_id, endpoint_id FROM deployments"
@@ -138,8 +152,8 @@ def deploy(
         dep_id = new_id("dep")
         ctx.db.execute(
             "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, account_id, state)"
-            " VALUES (%s, %s, %s, %s, %s, 'runpod', %s, 'creating')",
-            (dep_id, ws["id"], opts.public_name, opts.model, opts.modality, account_id),
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'creating')",
+            (dep_id, ws["id"], opts.public_name, opts.model, opts.modality, opts.destination, account_id),
         )
         template_id, endpoint_id = None, None
     else:
@@ -205,28 +219,26 @@ def classify(client: RunPodClient, endpoint_id: str) -> str:
     return "ready"  # scaled to zero: the next request starts a worker
 
 
-def _load(ctx: Context, dep_ref: str) -> tuple[str, str, str | None, str | None, str]:
+def _load(ctx: Context, dep_ref: str) -> tuple[str, str, str | None, str | None, str, RunPodClient]:
     row = ctx.db.execute(
-        "SELECT d.id, d.workspace_id, d.template_id, d.endpoint_id, d.state FROM deployments d"
+        "SELECT d.id, d.workspace_id, d.template_id, d.endpoint_id, d.state, d.destination FROM deployments d"
         " WHERE d.id = %s AND d.state <> 'deleted'",
         (dep_ref,),
     ).fetchone()
     if row is None:
         raise ControlError("deployment_not_found", f"no live deployment {dep_ref!r}")
-    return row[0], row[1], row[2], row[3], row[4]
+    _account, client = _runpod_for(ctx, row[1], row[5])
+    return row[0], row[1], row[2], row[3], row[4], client
 
 
 def status(ctx: Context, dep_ref: str) -> dict[str, Any]:
-    dep_id, ws_id, _template_id, endpoint_id, state = _load(ctx, dep_ref)
-    _account, key = credentials.runpod_key(ctx, ws_id)
-    health = classify(ctx.runpod(key), endpoint_id) if endpoint_id else "unreachable"
+    dep_id, ws_id, _template_id, endpoint_id, state, client = _load(ctx, dep_ref)
+    health = classify(client, endpoint_id) if endpoint_id else "unreachable"
     return {"id": dep_id, "workspace_id": ws_id, "endpoint_id": endpoint_id, "state": state, "health": health}
 
 
 def teardown(ctx: Context, dep_ref: str) -> dict[str, Any]:
-    dep_id, ws_id, template_id, endpoint_id, _state = _load(ctx, dep_ref)
-    _account, key = credentials.runpod_key(ctx, ws_id)
-    client = ctx.runpod(key)
+    dep_id, ws_id, template_id, endpoint_id, _state, client = _load(ctx, dep_ref)
     # Traffic stops first: once `deleting` is published no request is signed for the endpoint.
     with hotsync.changing(ctx) as change:
         ctx.db.execute("UPDATE deployments SET state = 'deleting' WHERE id = %s", (dep_id,))

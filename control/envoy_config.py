@@ -17,6 +17,7 @@ LISTENER = "gateway"
 EXTAUTH_CLUSTER = "extauth"
 EXTAUTH_ADMIN_CLUSTER = "extauth_admin"
 RUNPOD_CLUSTER = "runpod"
+MANAGED_CLUSTER = "managed"
 
 
 def _named(items: list[dict[str, Any]], name: str, what: str) -> dict[str, Any]:
@@ -36,6 +37,25 @@ def _set_endpoints(cluster: dict[str, Any], addresses: list[HostPort]) -> None:
     ]
 
 
+def _point_at(cluster: dict[str, Any], base_url: str, setting: str) -> None:
+    """Aim an upstream cluster at a URL's host and port; https keeps TLS (SNI and SAN follow the host),
+    http drops the transport socket."""
+    url = urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(f"{setting} must be an http:// or https:// URL, got {base_url!r}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    _set_endpoints(cluster, [HostPort(url.hostname, port)])
+    if url.scheme == "http":
+        cluster.pop("transport_socket", None)
+    elif "transport_socket" in cluster:
+        tls = cluster["transport_socket"]["typed_config"]
+        tls["sni"] = url.hostname
+        for matcher in tls["common_tls_context"].get("validation_context", {}).get(
+            "match_typed_subject_alt_names", []
+        ):
+            matcher["matcher"] = {"exact": url.hostname}
+
+
 def render(
     source: Path,
     *,
@@ -44,6 +64,7 @@ def render(
     extauth: list[HostPort],
     extauth_admin: list[HostPort],
     runpod_inference_url: str,
+    managed_url: str,
     access_log: Path,
 ) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
@@ -60,21 +81,8 @@ def render(
     _set_endpoints(_named(resources["clusters"], EXTAUTH_CLUSTER, "cluster"), extauth)
     _set_endpoints(_named(resources["clusters"], EXTAUTH_ADMIN_CLUSTER, "cluster"), extauth_admin)
 
-    url = urlsplit(runpod_inference_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise SettingsError(f"RUNPOD_INFERENCE_URL must be an http:// or https:// URL, got {runpod_inference_url!r}")
-    runpod = _named(resources["clusters"], RUNPOD_CLUSTER, "cluster")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    _set_endpoints(runpod, [HostPort(url.hostname, port)])
-    if url.scheme == "http":
-        runpod.pop("transport_socket", None)
-    elif "transport_socket" in runpod:
-        tls = runpod["transport_socket"]["typed_config"]
-        tls["sni"] = url.hostname
-        for matcher in tls["common_tls_context"].get("validation_context", {}).get(
-            "match_typed_subject_alt_names", []
-        ):
-            matcher["matcher"] = {"exact": url.hostname}
+    _point_at(_named(resources["clusters"], RUNPOD_CLUSTER, "cluster"), runpod_inference_url, "RUNPOD_INFERENCE_URL")
+    _point_at(_named(resources["clusters"], MANAGED_CLUSTER, "cluster"), managed_url, "GATEWAY_MANAGED_URL")
     return config
 
 

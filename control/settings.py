@@ -33,6 +33,8 @@ class ControlSettings:
     runpod_api_url: str
     runpod_inference_url: str
     runpod_urls_given: bool
+    managed_url: str
+    managed_api_key: str | None
     master_key: str | None
     master_key_file: Path
     envoy_config: Path
@@ -62,6 +64,8 @@ class ControlSettings:
                 inference_url or runtime.get("runpod_inference_url") or "https://api.runpod.ai"
             ).rstrip("/"),
             runpod_urls_given=bool(api_url or inference_url),
+            managed_url=(env_opt("GATEWAY_MANAGED_URL") or runtime.get("managed_url") or "https://api.runpod.ai").rstrip("/"),
+            managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
             master_key=env_opt("GATEWAY_MASTER_KEY"),
             master_key_file=Path(env_str("GATEWAY_MASTER_KEY_FILE", str(state_dir / "master.key"))),
             envoy_config=Path(env_str("GATEWAY_ENVOY_CONFIG", str(REPO_ROOT / "envoy" / "envoy.yaml"))),

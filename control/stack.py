@@ -104,11 +104,11 @@ class Stack:
             self.say(f"redis      embedded, {redis_url}")
         apply_migrations(database_url)
 
-        api_url, inference_url = s.runpod_api_url, s.runpod_inference_url
+        api_url, inference_url, managed_url = s.runpod_api_url, s.runpod_inference_url, s.managed_url
         demo_key = None
         if self.demo and not s.runpod_urls_given:
             api_url, demo_key = self._start_simulator()
-            inference_url = api_url
+            inference_url = managed_url = api_url
 
         env = {
             **os.environ,
@@ -136,7 +136,7 @@ class Stack:
         effective = envoy_config.write(
             envoy_config.render(
                 s.envoy_config, listen=s.listen, admin=s.admin, extauth=replicas, extauth_admin=metrics,
-                runpod_inference_url=inference_url, access_log=s.access_log,
+                runpod_inference_url=inference_url, managed_url=managed_url, access_log=s.access_log,
             ),
             s.state_dir / "envoy.effective.yaml",
         )
@@ -150,6 +150,7 @@ class Stack:
             "redis_url": redis_url,
             "runpod_api_url": api_url,
             "runpod_inference_url": inference_url,
+            "managed_url": managed_url,
             "gateway_url": f"http://{s.listen}",
             "admin_url": f"http://{s.admin}",
             "access_log": str(s.access_log),

@@ -127,3 +127,12 @@ def byoc_account_mismatch() -> Denial:
         "The RunPod account linked to this workspace does not own this model's endpoint. "
         "Reconnect RunPod in Settings with the account that deployed it, or redeploy.",
     )
+
+
+def plan_limit_exceeded() -> Denial:
+    return Denial(
+        403,
+        "plan_limit_exceeded",
+        "This workspace has reached its monthly spend limit for managed inference. "
+        "Raise the limit or wait for the next billing period.",
+    )

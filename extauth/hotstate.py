@@ -6,6 +6,8 @@ bounds how stale a missed update can leave it):
   gw:k:<key_id>  hash  g=generation x=revoked(0/1) r=explicit rpm limit (0: the workspace default)
   gw:w:<ws_id>   hash  g=generation d=default rpm c=ceiling rpm
   gw:b:<key_id>  string  the bucket's theoretical arrival time, in microseconds (GCRA)
+  gw:o:<ws_id>   string  present while the workspace is at its monthly spend limit (set by the meter
+                 and by `workspace set-spend-limit`; it expires at the end of the month)
 Hashes are only ever moved forward in generation, so a replica writing back an old read cannot undo a
 newer change that the control plane published.
 """
@@ -37,9 +39,9 @@ return 1
 """
 ).replace("HOTSTATE_TTL_S", str(HOTSTATE_TTL_S))
 
-# KEYS: key hash, workspace hash, bucket. ARGV: expected key gen, expected ws gen, key fields count N,
+# KEYS: key hash, workspace hash, bucket, spend flag. ARGV: expected key gen, expected ws gen, key fields count N,
 # N key fields, then workspace fields (empty when not refreshing).
-# Returns {status, limit, remaining, reset_us, retry_after_us, now_us}; status 1 allow, 0 over limit,
+# Returns {status, limit, remaining, reset_us, retry_after_us, now_us, over_spend}; status 1 allow, 0 over limit,
 # -1 unknown to Redis, -2 the caller's view is stale, -3 revoked.
 DECIDE_SCRIPT = (
     _PUT
@@ -67,13 +69,14 @@ local tau = (burst - 1) * interval
 local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tat < now then tat = now end
 if tat - now > tau then
-  return {0, limit, 0, math.ceil(tat), math.ceil(tat - tau - now), now}
+  return {0, limit, 0, math.ceil(tat), math.ceil(tat - tau - now), now, 0}
 end
 local new = tat + interval
 redis.call('SET', KEYS[3], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
 local remaining = math.floor((tau - (new - now)) / interval) + 1
 if remaining < 0 then remaining = 0 end
-return {1, limit, remaining, math.ceil(new), 0, now}
+local over = redis.call('EXISTS', KEYS[4])
+return {1, limit, remaining, math.ceil(new), 0, now, over}
 """
 ).replace("HOTSTATE_TTL_S", str(HOTSTATE_TTL_S))
 
@@ -92,6 +95,10 @@ def bucket_redis_key(key_id: str) -> str:
     return f"gw:b:{key_id}"
 
 
+def spend_redis_key(workspace_id: str) -> str:
+    return f"gw:o:{workspace_id}"
+
+
 def key_fields(generation: int, revoked: bool, rpm_limit: int | None) -> list[Any]:
     return ["g", generation, "x", 1 if revoked else 0, "r", rpm_limit or 0]
 
@@ -108,6 +115,7 @@ class Verdict:
     reset_us: int = 0
     retry_after_us: int = 0
     now_us: int = 0
+    over_spend: int = 0
 
 
 def parse_verdict(reply: list[int]) -> Verdict:

@@ -51,7 +51,7 @@ async def serve(settings: ExtauthSettings) -> None:
     # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     authz_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(store, redis, settings.redis_failure_mode, metrics), server
+        AuthorizationServicer(store, redis, settings.redis_failure_mode, metrics, settings.managed_api_key), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -80,8 +80,16 @@ def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry) -> Denial | Non
 
 
 class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, store: StateStore, redis: Redis, redis_failure_mode: str, metrics: ExtauthMetrics) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        redis: Redis,
+        redis_failure_mode: str,
+        metrics: ExtauthMetrics,
+        managed_key: str | None = None,
+    ) -> None:
         self._store = store
+        self._managed_key = managed_key
         self._redis = redis
         self._decide = redis.register_script(hotstate.DECIDE_SCRIPT)
         self._fail_open = redis_failure_mode == "open"
@@ -151,7 +159,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
 
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)
-        return self._allow(request, route, workspace, limit_headers, meta)
+        over_spend = verdict is not None and verdict.over_spend == 1
+        return self._allow(request, route, workspace, limit_headers, meta, over_spend)
 
     async def _rate_limit(
         self, key_hash: bytes, key: KeyEntry, workspace: WorkspaceEntry
@@ -173,6 +182,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
                         hotstate.key_redis_key(key.key_id),
                         hotstate.workspace_redis_key(workspace.workspace_id),
                         hotstate.bucket_redis_key(key.key_id),
+                        hotstate.spend_redis_key(workspace.workspace_id),
                     ],
                     args=args,
                 )
@@ -210,6 +220,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         workspace: WorkspaceEntry,
         limit_headers: list[tuple[str, str]],
         meta: dict[str, Any],
+        over_spend: bool,
     ) -> authz.CheckResponse:
         body_meta = request.attributes.metadata_context.filter_metadata.get(BODY_METADATA_NAMESPACE)
         model_value = body_meta.fields.get("model") if body_meta is not None else None
@@ -224,11 +235,15 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             denial = byoc_denial(workspace, dep)
             if denial is not None:
                 return _deny(denial, limit_headers, meta)
+            upstream_key = workspace.credential.runpod_key if workspace.credential else None
+        else:
+            if over_spend:
+                return _deny(errors.plan_limit_exceeded(), limit_headers, meta)
+            upstream_key = self._managed_key
         if dep.modality not in route.modalities:
             return _deny(errors.wrong_route_for_model(model, route.name), limit_headers, meta)
-        cred = workspace.credential
         path = routes.upstream_path(dep.endpoint_id, route)
-        if cred is None or path is None:
+        if not upstream_key or path is None:
             return _deny(errors.gateway_unavailable(), limit_headers, meta)
         meta.update(deployment_id=dep.deployment_id, destination=dep.destination, decision="allow")
         http = request.attributes.request.http
@@ -236,7 +251,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=authz.OkHttpResponse(
                 headers=[
-                    _header(k, v) for k, v in upstream.injected_headers(path, cred.runpod_key, dep.destination)
+                    _header(k, v) for k, v in upstream.injected_headers(path, upstream_key, dep.destination)
                 ],
                 headers_to_remove=upstream.headers_to_remove(http.headers.keys()),
                 response_headers_to_add=[_header(k, v) for k, v in limit_headers],

@@ -20,6 +20,7 @@ class ExtauthSettings:
     redis_timeout_ms: int
     redis_failure_mode: str
     metrics_listen: HostPort | None
+    managed_api_key: str | None
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -40,4 +41,5 @@ class ExtauthSettings:
             redis_timeout_ms=env_int("EXTAUTH_REDIS_TIMEOUT_MS", 100, minimum=1),
             redis_failure_mode=env_choice("RATELIMIT_FAILURE_MODE", "closed", ("closed", "open")),
             metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
+            managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
         )

@@ -189,6 +189,15 @@ def start_gateway(
         "RUNPOD_INFERENCE_URL": simulator_url,
         **(extra_env or {}),
     }
+    for inherited in ("GATEWAY_MANAGED_URL", "GATEWAY_MANAGED_API_KEY"):
+        if inherited not in (extra_env or {}):
+            env.pop(inherited, None)
+    # The platform's own account on the simulator, for the managed destination.
+    managed_key = "rpa_platform_" + secrets.token_hex(8)
+    call("POST", f"{simulator_url}/_sim/accounts", {"id": "user_platform_" + secrets.token_hex(4),
+                                                    "email": "platform@example.com", "keys": [managed_key]})
+    env.setdefault("GATEWAY_MANAGED_URL", simulator_url)
+    env.setdefault("GATEWAY_MANAGED_API_KEY", managed_key)
     console = tmp / "gatewayctl-up.out"
     with running([sys.executable, "-m", "control.cli", "up"], env, console) as proc:
         from control.settings import read_runtime
