@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="run the whole stack in the foreground")
     up.add_argument("--demo", action="store_true", help="start the RunPod simulator and seed a demo")
 
+    sub.add_parser("reload", parents=[common], help="validate envoy.yaml and hot-restart the running Envoy")
+
     ws = sub.add_parser("workspace", help="workspaces and plans").add_subparsers(dest="action", required=True)
     p = ws.add_parser("create", parents=[common])
     p.add_argument("name")
@@ -158,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             return stack.up(ControlSettings.from_env(use_runtime=False), args.demo)
+        if args.command == "reload":
+            _print(stack.request_reload(ControlSettings.from_env()), as_json)
+            return 0
         handler = COMMANDS[tuple(x for x in (args.command, getattr(args, "action", None)) if x)]
         with open_context(ControlSettings.from_env()) as ctx:
             _print(handler(ctx, args), as_json)

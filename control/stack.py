@@ -29,7 +29,7 @@ from control.env import HostPort
 from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.net import free_port, wait_for_http, wait_for_port
-from control.settings import ControlSettings, write_runtime
+from control.settings import ControlSettings, read_runtime, write_runtime
 
 ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can lag behind
 
@@ -38,6 +38,13 @@ ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can 
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
+    argv: list[str] | None = None
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    # Replicas are restarted when they exit (a rolling restart is: SIGTERM one, wait until it is back).
+    restart: bool = False
+    # An Envoy epoch replaced by a hot restart: its exit is expected.
+    retiring: bool = False
 
 
 def extauth_addresses(first: HostPort, replicas: int) -> list[HostPort]:
@@ -64,25 +71,73 @@ class Stack:
         self.runtime: dict[str, Any] = {}
         self.logs = settings.state_dir / "logs"
         self._stopping = threading.Event()
+        self._reload = threading.Event()
+        self._epoch = 0
+        self._env: dict[str, str] = {}
+        self._replicas: list[HostPort] = []
+        self._metrics: list[HostPort] = []
+        self._urls = ("", "")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Child:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None, restart: bool = False
+    ) -> Child:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=cwd,
             )
-        child = Child(name, proc)
+        child = Child(name, proc, argv, env, cwd, restart)
         self.children.append(child)
         return child
 
+    def _render_envoy(self) -> Path:
+        s = self.settings
+        config = envoy_config.render(
+            s.envoy_config, listen=s.listen, admin=s.admin, extauth=self._replicas, extauth_admin=self._metrics,
+            runpod_inference_url=self._urls[0], managed_url=self._urls[1], access_log=s.access_log,
+        )
+        return envoy_config.write(config, s.state_dir / f"envoy.effective.{self._epoch}.yaml")
+
     def _envoy(self, env: dict[str, str], config: Path) -> None:
         s = self.settings
+        if self._epoch == 0:
+            base_id = ["--use-dynamic-base-id", "--base-id-path", str(s.state_dir / "envoy.base-id")]
+        else:
+            base_id = ["--base-id", (s.state_dir / "envoy.base-id").read_text().strip()]
         self._spawn("envoy", [
             envoy_binary(), "-c", str(config), "--log-level", "warning",
-            "--file-flush-interval-msec", str(ENVOY_FLUSH_MS),
-            "--use-dynamic-base-id", "--base-id-path", str(s.state_dir / "envoy.base-id"),
+            "--file-flush-interval-msec", str(ENVOY_FLUSH_MS), "--restart-epoch", str(self._epoch),
+            "--drain-time-s", "2", "--parent-shutdown-time-s", "4", *base_id,
         ], env, cwd=s.envoy_config.parent.parent)
+
+    def _publish_pids(self) -> None:
+        self.runtime["pids"] = {c.name: c.proc.pid for c in self.children if not c.retiring}
+        write_runtime(self.settings.state_dir, self.runtime)
+
+    def reload_envoy(self) -> None:
+        """Apply an edited envoy.yaml without dropping traffic: validate it, then hot-restart Envoy; the
+        old epoch drains its connections and exits. An invalid file leaves the running Envoy alone."""
+        self._epoch += 1
+        config = self._render_envoy()
+        check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                               cwd=self.settings.envoy_config.parent.parent, capture_output=True, text=True)
+        if check.returncode != 0:
+            self._epoch -= 1
+            error = (check.stdout + check.stderr).strip().splitlines()[-1:] or ["invalid"]
+            self.runtime["last_reload"] = {"ok": False, "error": error[0]}
+            self.say(f"reload refused: {error[0]}")
+        else:
+            for child in self.children:
+                if child.name == "envoy":
+                    child.retiring = True
+            self._envoy(self._env, config)
+            self.runtime["envoy_epoch"] = self._epoch
+            self._publish_pids()
+            self.runtime["last_reload"] = {"ok": True, "epoch": self._epoch}
+            self.say(f"envoy      reloaded (epoch {self._epoch})")
+        self.runtime["reloads"] = self.runtime.get("reloads", 0) + 1
+        write_runtime(self.settings.state_dir, self.runtime)
 
     def _fail(self, what: str, name: str) -> ControlError:
         return ControlError("start_failed", f"{what} did not start; see {self.logs / (name + '.log')}")
@@ -120,11 +175,14 @@ class Stack:
             "EXTAUTH_LISTEN": str(s.extauth_listen),
             "GATEWAY_ACCESS_LOG": str(s.access_log),
         }
-        replicas = extauth_addresses(s.extauth_listen, s.extauth_replicas)
-        metrics = extauth_addresses(s.extauth_metrics_listen, s.extauth_replicas)
+        self._env = env
+        self._urls = (inference_url, managed_url)
+        replicas = self._replicas = extauth_addresses(s.extauth_listen, s.extauth_replicas)
+        metrics = self._metrics = extauth_addresses(s.extauth_metrics_listen, s.extauth_replicas)
         for i, address in enumerate(replicas):
             self._spawn(f"extauth-{i}", [sys.executable, "-m", "extauth.server"],
-                        {**env, "EXTAUTH_LISTEN": str(address), "EXTAUTH_METRICS_LISTEN": str(metrics[i])})
+                        {**env, "EXTAUTH_LISTEN": str(address), "EXTAUTH_METRICS_LISTEN": str(metrics[i])},
+                        restart=True)
         for i, address in enumerate(replicas):
             if not wait_for_port(address.host, address.port, 20):
                 raise self._fail("ext_authz", f"extauth-{i}")
@@ -133,13 +191,7 @@ class Stack:
 
         s.access_log.parent.mkdir(parents=True, exist_ok=True)
         s.access_log.touch()
-        effective = envoy_config.write(
-            envoy_config.render(
-                s.envoy_config, listen=s.listen, admin=s.admin, extauth=replicas, extauth_admin=metrics,
-                runpod_inference_url=inference_url, managed_url=managed_url, access_log=s.access_log,
-            ),
-            s.state_dir / "envoy.effective.yaml",
-        )
+        effective = self._render_envoy()
         self._envoy(env, effective)
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
@@ -155,6 +207,8 @@ class Stack:
             "admin_url": f"http://{s.admin}",
             "access_log": str(s.access_log),
             "extauth_metrics_urls": [f"http://{m}/metrics" for m in metrics],
+            "envoy_epoch": 0,
+            "pids": {c.name: c.proc.pid for c in self.children if not c.retiring},
             "meter_metrics_url": f"http://{s.meter_metrics_listen}/metrics",
             "ready": False,
         }
@@ -185,12 +239,26 @@ class Stack:
         return url, key
 
     def wait(self) -> int:
-        """Block until a signal asks to stop (0) or a child exits on its own (1)."""
+        """Block until a signal asks to stop (0) or a child that is not restartable exits (1). SIGHUP
+        reloads Envoy's config (`gatewayctl reload`)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stopping.set())
-        while not self._stopping.wait(0.2):
-            for child in self.children:
-                if child.proc.poll() is not None:
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        while not self._stopping.wait(0.1):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload_envoy()
+            for child in list(self.children):
+                if child.proc.poll() is None:
+                    continue
+                if child.retiring:
+                    self.children.remove(child)
+                elif child.restart and child.argv is not None and child.env is not None:
+                    self.children.remove(child)
+                    self.say(f"{child.name} exited with {child.proc.returncode}; restarting it")
+                    self._spawn(child.name, child.argv, child.env, child.cwd, restart=True)
+                    self._publish_pids()
+                else:
                     self.say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")
                     return 1
         return 0
@@ -211,6 +279,25 @@ class Stack:
         if self.runtime:
             self.runtime["ready"] = False
             write_runtime(self.settings.state_dir, {})
+
+
+def request_reload(settings: ControlSettings, timeout_s: float = 30) -> dict[str, Any]:
+    """Ask the running `gatewayctl up` to reload Envoy's config, and report how that went."""
+    runtime = read_runtime(settings.state_dir)
+    if not runtime.get("ready"):
+        raise ControlError("not_running", f"no running stack in {settings.state_dir}")
+    before = runtime.get("reloads", 0)
+    os.kill(int(runtime["pid"]), signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runtime = read_runtime(settings.state_dir)
+        if runtime.get("reloads", 0) > before:
+            result: dict[str, Any] = runtime["last_reload"]
+            if not result["ok"]:
+                raise ControlError("reload_refused", f"envoy.yaml was not applied: {result['error']}")
+            return result
+        time.sleep(0.05)
+    raise ControlError("reload_timeout", "the stack did not report the reload in time")
 
 
 def up(settings: ControlSettings, demo: bool) -> int:

@@ -70,9 +70,11 @@ async def serve(settings: ExtauthSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    # Report NOT_SERVING first so Envoy's health check stops sending, then drain what is in flight.
+    # Report NOT_SERVING first and keep answering while Envoy's health check notices (it checks
+    # every 0.25 s and ejects after two failures), then stop taking calls and let those in flight finish.
     serving = False
     await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(settings.drain_s)
     await server.stop(grace=5)
     if admin_runner is not None:
         await admin_runner.cleanup()

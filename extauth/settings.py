@@ -21,6 +21,7 @@ class ExtauthSettings:
     redis_failure_mode: str
     metrics_listen: HostPort | None
     managed_api_key: str | None
+    drain_s: float
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -42,4 +43,5 @@ class ExtauthSettings:
             redis_failure_mode=env_choice("RATELIMIT_FAILURE_MODE", "closed", ("closed", "open")),
             metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
+            drain_s=env_int("EXTAUTH_DRAIN_MS", 2000) / 1000,
         )

@@ -1,0 +1,137 @@
+"""Operations under steady load: a rolling restart of the ext_authz replicas and a reload of an edited
+envoy.yaml each lose no request; every service's metrics endpoint serves its documented series."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control.settings import read_runtime
+from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
+from tests.support import ROOT, call, wait_until
+
+
+class SteadyLoad:
+    """A few clients calling the gateway back to back, counting every status (and connection errors)."""
+
+    def __init__(self, gateway: Gateway, tenant: Tenant, clients: int = 4) -> None:
+        self.statuses: Counter[int | str] = Counter()
+        self.headers: list[str | None] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(gateway, tenant)) for _ in range(clients)]
+
+    def _run(self, gateway: Gateway, tenant: Tenant) -> None:
+        body = {"model": tenant.chat_model, "messages": [{"role": "user", "content": "hi"}]}
+        while not self._stop.is_set():
+            try:
+                reply = call("POST", f"{gateway.base_url}/chat/completions", body, key=tenant.api_key)
+                self.statuses[reply.status] += 1
+                self.headers.append(reply.headers.get("x-config-version"))
+            except OSError as exc:
+                self.statuses[type(exc).__name__] += 1
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+
+@pytest.fixture(scope="module")
+def envoy_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # An operator's editable copy of envoy/ (config and Lua side by side, as shipped).
+    root = tmp_path_factory.mktemp("operator")
+    shutil.copytree(ROOT / "envoy", root / "envoy")
+    return root / "envoy" / "envoy.yaml"
+
+
+@pytest.fixture(scope="module")
+def ops_gateway(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
+    envoy_copy: Path,
+) -> Iterator[Gateway]:
+    yield from start_gateway(tmp_path_factory.mktemp("gw-ops"), database_url, redis_url, simulator.url,
+                             {"EXTAUTH_REPLICAS": "2", "GATEWAY_ENVOY_CONFIG": str(envoy_copy)})
+
+
+@pytest.fixture(scope="module")
+def ops_tenant(ops_gateway: Gateway, simulator: Simulator) -> Tenant:
+    t = make_tenant(ops_gateway, simulator, plan="team")
+    # Enough that the steady load never meets the rate limit.
+    ops_gateway.ctl_json("workspace", "set-plan", t.workspace_id, "enterprise",
+                         "--rpm-default", "1000000", "--rpm-ceiling", "1000000")
+    return t
+
+
+def all_extauth_healthy(gateway: Gateway) -> bool:
+    clusters = call("GET", f"{gateway.admin}/clusters").body.decode().splitlines()
+    flags = [line.rsplit("::", 1)[1] for line in clusters if line.startswith("extauth::") and "::health_flags::" in line]
+    return bool(flags) and all(flag == "healthy" for flag in flags)
+
+
+def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_tenant: Tenant) -> None:
+    with SteadyLoad(ops_gateway, ops_tenant) as load:
+        time.sleep(0.5)
+        for name in ("extauth-0", "extauth-1"):
+            old = read_runtime(ops_gateway.state_dir)["pids"][name]
+            os.kill(old, signal.SIGTERM)
+            wait_until(lambda: read_runtime(ops_gateway.state_dir)["pids"][name] != old, 20, f"{name} restarted")
+            # As an operator would: the next one goes only once Envoy sees every replica healthy again.
+            wait_until(lambda: all_extauth_healthy(ops_gateway), 20, "every replica healthy")
+        time.sleep(0.5)
+    assert load.total() > 100
+    assert set(load.statuses) == {200}, load.statuses
+
+
+def test_edited_envoy_config_reloads_with_zero_failed_requests(
+    ops_gateway: Gateway, ops_tenant: Tenant, envoy_copy: Path
+) -> None:
+    text = envoy_copy.read_text()
+    edited = text.replace(
+        "            - name: openai\n              domains: [\"*\"]\n",
+        "            - name: openai\n              domains: [\"*\"]\n"
+        "              response_headers_to_add:\n"
+        "              - header: { key: x-config-version, value: \"2\" }\n",
+    )
+    assert edited != text
+    with SteadyLoad(ops_gateway, ops_tenant) as load:
+        time.sleep(0.5)
+        # A broken edit is refused and the running config keeps serving.
+        envoy_copy.write_text(edited.replace("cluster: runpod", "cluster: no-such-cluster", 1))
+        refused = ops_gateway.ctl("reload", "--json")
+        assert refused.returncode != 0 and "reload_refused" in refused.stderr
+        envoy_copy.write_text(edited)
+        assert ops_gateway.ctl_json("reload")["ok"] is True
+        wait_until(lambda: load.headers[-1:] == ["2"], 15, "the edited config to serve")
+        time.sleep(1)
+    assert set(load.statuses) == {200}, load.statuses
+    assert load.headers.count("2") > 10
+
+
+def test_metrics_endpoints_serve_the_documented_series(ops_gateway: Gateway, ops_tenant: Tenant) -> None:
+    runtime = read_runtime(ops_gateway.state_dir)
+    call("GET", f"{ops_gateway.base_url}/models", key=ops_tenant.api_key)
+    envoy = call("GET", f"{ops_gateway.admin}/stats/prometheus").body.decode()
+    assert re.search(r"envoy_http_downstream_rq_xx\{[^}]*\} [1-9]", envoy)
+    assert "envoy_cluster_ext_authz_ok" in envoy or "envoy_http_ext_authz_ok" in envoy
+    for url in runtime["extauth_metrics_urls"]:
+        text = call("GET", url).body.decode()
+        for series in ("gateway_extauth_decisions_total", "gateway_extauth_check_duration_seconds_bucket",
+                       "gateway_extauth_cache_lookups_total"):
+            assert series in text, (url, series)
