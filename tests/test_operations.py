@@ -81,7 +81,8 @@ def ops_tenant(ops_gateway: Gateway, simulator: Simulator) -> Tenant:
 
 def all_extauth_healthy(gateway: Gateway) -> bool:
     clusters = call("GET", f"{gateway.admin}/clusters").body.decode().splitlines()
-    flags = [line.rsplit("::", 1)[1] for line in clusters if line.startswith("extauth::") and "::health_flags::" in line]
+    flags = [line.rsplit("::", 1)[1] for line in clusters
+             if line.startswith("extauth::") and "::health_flags::" in line]
     return bool(flags) and all(flag == "healthy" for flag in flags)
 
 
@@ -91,7 +92,8 @@ def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_t
         for name in ("extauth-0", "extauth-1"):
             old = read_runtime(ops_gateway.state_dir)["pids"][name]
             os.kill(old, signal.SIGTERM)
-            wait_until(lambda: read_runtime(ops_gateway.state_dir)["pids"][name] != old, 20, f"{name} restarted")
+            wait_until(lambda name=name, old=old: read_runtime(ops_gateway.state_dir)["pids"][name] != old,  # type: ignore[misc]
+                       20, f"{name} restarted")
             # As an operator would: the next one goes only once Envoy sees every replica healthy again.
             wait_until(lambda: all_extauth_healthy(ops_gateway), 20, "every replica healthy")
         time.sleep(0.5)
