@@ -92,8 +92,8 @@ def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_t
         for name in ("extauth-0", "extauth-1"):
             old = read_runtime(ops_gateway.state_dir)["pids"][name]
             os.kill(old, signal.SIGTERM)
-            wait_until(lambda name=name, old=old: read_runtime(ops_gateway.state_dir)["pids"][name] != old,  # type: ignore[misc]
-                       20, f"{name} restarted")
+            pids = lambda name=name: read_runtime(ops_gateway.state_dir)["pids"][name]  # noqa: E731
+            wait_until(lambda old=old, pids=pids: pids() != old, 20, f"{name} restarted")
             # As an operator would: the next one goes only once Envoy sees every replica healthy again.
             wait_until(lambda: all_extauth_healthy(ops_gateway), 20, "every replica healthy")
         time.sleep(0.5)
