@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from control import credentials, deployments, keys, spend, stack, workspaces
+from control import credentials, deployments, keys, spend, stack, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -56,6 +56,7 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("runpod", "unlink"): lambda ctx, a: credentials.unlink(ctx, a.workspace),
     ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
     ("prices", "set"): lambda ctx, a: spend.set_price(ctx, a.scope, a.ref, a.input, a.output),
+    ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
     ("status",): lambda ctx, a: deployments.status(ctx, a.deployment),
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be created and its projected cost")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
+    p = sub.add_parser("usage", parents=[common], help="usage and cost: this billing period and the two before")
+    p.add_argument("workspace")
     for name in ("status", "teardown"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("deployment")
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _print(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, default=str))
+        return
+    if isinstance(result, dict) and "periods" in result:
+        print(usage.render_text(result))
         return
     if isinstance(result, dict):
         for key, value in result.items():

@@ -1,0 +1,151 @@
+"""`gatewayctl usage`: what a workspace used and spent in the current billing period (the calendar
+month, UTC) and the two before it: a daily cost chart (an SVG file, and a compact terminal view), the
+token breakdown, cost per model, error counts, and the same per key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from control import workspaces
+from control.context import Context
+from control.spend import billing_month
+
+PERIODS = 3
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def periods(now: datetime) -> list[tuple[datetime, datetime]]:
+    """The current billing period first, then the two before it."""
+    out = []
+    start, end = billing_month(now)
+    for _ in range(PERIODS):
+        out.append((start, end))
+        end = start
+        start, _ = billing_month(start - timedelta(days=1))
+    return out
+
+
+def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> dict[str, Any]:
+    where = "workspace_id = %s AND start_time >= %s AND start_time < %s"
+    args = (ws_id, start, end)
+    daily = {
+        d: (cost, inp, out)
+        for d, cost, inp, out in ctx.db.execute(
+            "SELECT (start_time AT TIME ZONE 'UTC')::date, sum(cost_usd), sum(prompt_tokens), sum(completion_tokens)"
+            f" FROM usage_events WHERE {where} GROUP BY 1",
+            args,
+        )
+    }
+    days = []
+    day = start.date()
+    while day < end.date():
+        cost, inp, out = daily.get(day, (Decimal(0), 0, 0))
+        days.append(
+            {"date": day.isoformat(), "cost_usd": str(cost), "input_tokens": int(inp), "output_tokens": int(out)}
+        )
+        day += timedelta(days=1)
+
+    def grouped(column: str) -> list[dict[str, Any]]:
+        rows = ctx.db.execute(
+            f"SELECT coalesce({column}, '-'), count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd),"
+            " count(*) FILTER (WHERE status >= 400), bool_or(usage_estimated)"
+            f" FROM usage_events WHERE {where} GROUP BY 1 ORDER BY sum(cost_usd) DESC, 1",
+            args,
+        ).fetchall()
+        return [
+            {column: name, "requests": n, "input_tokens": int(i), "output_tokens": int(o), "cost_usd": str(c),
+             "errors": e, "includes_estimates": bool(est)}
+            for name, n, i, o, c, e, est in rows
+        ]
+
+    errors = {
+        str(status): n
+        for status, n in ctx.db.execute(
+            f"SELECT status, count(*) FROM usage_events WHERE {where} AND status >= 400 GROUP BY 1 ORDER BY 1", args
+        )
+    }
+    total = ctx.db.execute(
+        f"SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+        f" coalesce(sum(cost_usd), 0) FROM usage_events WHERE {where}",
+        args,
+    ).fetchone()
+    assert total is not None
+    return {
+        "period": start.strftime("%Y-%m"),
+        "start": start.date().isoformat(),
+        "end": end.date().isoformat(),
+        "requests": total[0],
+        "input_tokens": int(total[1]),
+        "output_tokens": int(total[2]),
+        "cost_usd": str(total[3]),
+        "errors": errors,
+        "daily": days,
+        "models": grouped("model"),
+        "keys": grouped("key_id"),
+    }
+
+
+def report(ctx: Context, ws_ref: str, chart_dir: Path, now: datetime | None = None) -> dict[str, Any]:
+    ws = workspaces.resolve(ctx, ws_ref)
+    result = {
+        "workspace_id": ws["id"],
+        "periods": [_period_report(ctx, ws["id"], s, e) for s, e in periods(now or datetime.now(UTC))],
+    }
+    chart_dir.mkdir(parents=True, exist_ok=True)
+    chart = chart_dir / f"usage-{ws['id']}-{result['periods'][0]['period']}.svg"
+    chart.write_text(svg_chart(result["periods"]), encoding="utf-8")
+    result["chart"] = str(chart)
+    return result
+
+
+def svg_chart(reports: list[dict[str, Any]]) -> str:
+    """Daily cost bars, one panel per billing period, oldest first."""
+    width, panel_h, pad = 960, 180, 40
+    days = [d for r in reversed(reports) for d in r["daily"]]
+    peak = max((Decimal(d["cost_usd"]) for d in days), default=Decimal(0)) or Decimal(1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{(panel_h + pad) * len(reports) + pad}"'
+             ' font-family="sans-serif" font-size="12">',
+             '<rect width="100%" height="100%" fill="white"/>']
+    for row, rep in enumerate(reversed(reports)):
+        top = pad + row * (panel_h + pad)
+        bar_w = (width - 2 * pad) / max(1, len(rep["daily"]))
+        parts.append(f'<text x="{pad}" y="{top - 8}" font-weight="bold">{escape(rep["period"])}: '
+                     f'${Decimal(rep["cost_usd"]):.4f}, {rep["input_tokens"]} input / {rep["output_tokens"]} output'
+                     ' tokens</text>')
+        parts.append(f'<line x1="{pad}" y1="{top + panel_h}" x2="{width - pad}" y2="{top + panel_h}" stroke="#888"/>')
+        for i, d in enumerate(rep["daily"]):
+            h = float(Decimal(d["cost_usd"]) / peak) * (panel_h - 10)
+            x = pad + i * bar_w
+            parts.append(f'<rect x="{x:.1f}" y="{top + panel_h - h:.1f}" width="{max(1.0, bar_w - 2):.1f}"'
+                         f' height="{h:.1f}" fill="#3b7dd8"><title>{d["date"]}: ${d["cost_usd"]}</title></rect>')
+            if i % 7 == 0:
+                parts.append(f'<text x="{x:.1f}" y="{top + panel_h + 14}" fill="#555">{d["date"][5:]}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def terminal_chart(rep: dict[str, Any]) -> str:
+    costs = [Decimal(d["cost_usd"]) for d in rep["daily"]]
+    peak = max(costs, default=Decimal(0)) or Decimal(1)
+    bars = "".join(_BARS[round(float(c / peak) * (len(_BARS) - 1))] for c in costs)
+    return f"{rep['period']} |{bars}| ${Decimal(rep['cost_usd']):.4f}"
+
+
+def render_text(result: dict[str, Any]) -> str:
+    lines = []
+    for rep in result["periods"]:
+        lines.append(terminal_chart(rep))
+        lines.append(f"  requests {rep['requests']}, tokens in {rep['input_tokens']} / out {rep['output_tokens']},"
+                     f" errors {sum(rep['errors'].values())} {rep['errors'] or ''}".rstrip())
+        for m in rep["models"]:
+            lines.append(f"  model {m['model']}: ${Decimal(m['cost_usd']):.6f} ({m['input_tokens']} in,"
+                         f" {m['output_tokens']} out, {m['requests']} requests, {m['errors']} errors)")
+        for k in rep["keys"]:
+            lines.append(f"  key {k['key_id']}: ${Decimal(k['cost_usd']):.6f} ({k['requests']} requests)")
+    lines.append(f"chart: {result['chart']}")
+    return "\n".join(lines)
+
