@@ -16,6 +16,7 @@ from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
 from control.errors import ControlError
+from control.migrate import apply_migrations
 from control.plans import PLANS
 from control.settings import ControlSettings
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="start the RunPod simulator and seed a demo")
 
     sub.add_parser("reload", parents=[common], help="validate envoy.yaml and hot-restart the running Envoy")
+    sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
 
     ws = sub.add_parser("workspace", help="workspaces and plans").add_subparsers(dest="action", required=True)
     p = ws.add_parser("create", parents=[common])
@@ -166,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             return stack.up(ControlSettings.from_env(use_runtime=False), args.demo)
+        if args.command == "migrate":
+            settings = ControlSettings.from_env()
+            if not settings.database_url:
+                raise ControlError("not_configured", "set DATABASE_URL")
+            _print({"applied": apply_migrations(settings.database_url)}, as_json)
+            return 0
         if args.command == "reload":
             _print(stack.request_reload(ControlSettings.from_env()), as_json)
             return 0
