@@ -9,7 +9,12 @@ Exported names (dots become underscores; counters get `_total`):
 - `gateway_extauth_database_errors_total`: failed loads on a cache miss
 - `gateway_extauth_failure_mode_total{mode="open"|"closed"}`: checks decided by the failure policy
   because Redis was unavailable
-Labels take only values from the fixed sets above or the error catalog, so cardinality is bounded.
+- `gateway_extauth_ratelimit_utilization` (histogram): how full each key's bucket was at each decision,
+  0 to 1 (1: the request was refused, or was the last one the bucket admitted)
+- `gateway_extauth_ratelimit_top_keys{key_id}` (gauge): the highest utilization (0 to 1) seen per key
+  since the previous scrape, for the 10 busiest keys only
+Labels take only values from the fixed sets above, the error catalog, or at most 10 key ids, so
+cardinality is bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from extauth.state import StateStore
 
 _CHECK_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+_UTILIZATION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+TOP_KEYS = 10
+# Keys tracked between scrapes before the least busy are dropped: bounds memory under a key flood.
+_TRACKED_KEYS = 1000
 
 
 class ExtauthMetrics:
@@ -34,6 +43,11 @@ class ExtauthMetrics:
         self._db_errors = meter.create_counter("gateway.extauth.database.errors", unit="{error}")
         self._failure_mode = meter.create_counter("gateway.extauth.failure_mode", unit="{check}")
         meter.create_observable_counter("gateway.extauth.cache.lookups", callbacks=[self._cache_lookups])
+        self._utilization = meter.create_histogram(
+            "gateway.extauth.ratelimit.utilization", unit="1", explicit_bucket_boundaries_advisory=_UTILIZATION_BUCKETS
+        )
+        meter.create_observable_gauge("gateway.extauth.ratelimit.top_keys", callbacks=[self._top_keys], unit="1")
+        self._peaks: dict[str, float] = {}
         self._attrs: dict[tuple[str, str], dict[str, str]] = {}
 
     def decided(self, decision: str, code: str, seconds: float) -> None:
@@ -51,6 +65,18 @@ class ExtauthMetrics:
 
     def failure_mode(self, mode: str) -> None:
         self._failure_mode.add(1, {"mode": mode})
+
+    def rate_limited(self, key_id: str, utilization: float) -> None:
+        self._utilization.record(utilization)
+        if utilization > self._peaks.get(key_id, -1.0):
+            self._peaks[key_id] = utilization
+            if len(self._peaks) > _TRACKED_KEYS:
+                del self._peaks[min(self._peaks, key=self._peaks.__getitem__)]
+
+    def _top_keys(self, _options: CallbackOptions) -> Iterable[Observation]:
+        peaks, self._peaks = self._peaks, {}
+        for key_id in sorted(peaks, key=peaks.__getitem__, reverse=True)[:TOP_KEYS]:
+            yield Observation(peaks[key_id], {"key_id": key_id})
 
     def _cache_lookups(self, _options: CallbackOptions) -> Iterable[Observation]:
         for name, cache in (("key", self._store.keys), ("workspace", self._store.workspaces)):

@@ -32,3 +32,8 @@ def headers(verdict: Verdict) -> list[tuple[str, str]]:
     if verdict.retry_after_us > 0:
         out.append(("retry-after", str(max(1, math.ceil(verdict.retry_after_us / 1_000_000)))))
     return out
+
+
+def utilization(verdict: Verdict) -> float:
+    """How full the bucket is: 0 when a whole burst could still pass, 1 when nothing more could."""
+    return 1.0 - verdict.remaining / burst(verdict.limit)

@@ -154,6 +154,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         if verdict is not None and verdict.status == hotstate.REVOKED:
             return _deny(errors.invalid_api_key(), [], meta)
         limit_headers = ratelimit.headers(verdict) if verdict and verdict.limit else []
+        if verdict is not None and verdict.limit:
+            self._metrics.rate_limited(key.key_id, ratelimit.utilization(verdict))
         if verdict is not None and verdict.status == hotstate.OVER_LIMIT:
             return _deny(errors.rate_limited(verdict.limit), limit_headers, meta)
 

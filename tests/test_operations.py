@@ -132,8 +132,23 @@ def test_metrics_endpoints_serve_the_documented_series(ops_gateway: Gateway, ops
     envoy = call("GET", f"{ops_gateway.admin}/stats/prometheus").body.decode()
     assert re.search(r"envoy_http_downstream_rq_xx\{[^}]*\} [1-9]", envoy)
     assert "envoy_cluster_ext_authz_ok" in envoy or "envoy_http_ext_authz_ok" in envoy
-    for url in runtime["extauth_metrics_urls"]:
-        text = call("GET", url).body.decode()
+    for _ in range(10):
+        call("GET", f"{ops_gateway.base_url}/models", key=ops_tenant.api_key)
+    scraped = [call("GET", url).body.decode() for url in runtime["extauth_metrics_urls"]]
+    for text in scraped:
         for series in ("gateway_extauth_decisions_total", "gateway_extauth_check_duration_seconds_bucket",
                        "gateway_extauth_cache_lookups_total"):
-            assert series in text, (url, series)
+            assert series in text, series
+    together = "\n".join(scraped)
+    assert re.search(r'gateway_extauth_decisions_total\{[^}]*decision="local"[^}]*\} [1-9]', together)
+    assert "gateway_extauth_ratelimit_utilization_bucket" in together
+    assert re.search(rf'gateway_extauth_ratelimit_top_keys\{{[^}}]*key_id="{ops_tenant.key_id}"', together)
+    call("POST", f"{ops_gateway.base_url}/chat/completions",
+         {"model": ops_tenant.chat_model, "messages": [{"role": "user", "content": "count these"}]},
+         key=ops_tenant.api_key)
+    tokens = re.compile(r'gen_ai_client_token_usage_total\{[^}]*gen_ai_token_type="input"[^}]*\} [1-9]')
+    wait_until(lambda: tokens.search(call("GET", runtime["meter_metrics_url"]).body.decode()) is not None,
+               10, "the meter to record tokens")
+    meter = call("GET", runtime["meter_metrics_url"]).body.decode()
+    for series in ("gateway_meter_requests_total", "gateway_meter_lines_total", "gateway_meter_lag_bytes"):
+        assert series in meter, series
