@@ -33,11 +33,14 @@ def create(ctx: Context, ws_ref: str, name: str = "", rpm: int | None = None) ->
     key = apikeys.generate()
     digest = apikeys.digest(key)
     key_id = new_id("key")
-    ctx.db.execute(
-        "INSERT INTO api_keys (id, workspace_id, name, key_hash, key_hint, rpm_limit)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (key_id, ws["id"], name, digest, apikeys.hint(key), rpm),
-    )
+    # Published at once, so the key's first requests find its limit in Redis instead of all reloading it.
+    with hotsync.changing(ctx) as change:
+        ctx.db.execute(
+            "INSERT INTO api_keys (id, workspace_id, name, key_hash, key_hint, rpm_limit)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (key_id, ws["id"], name, digest, apikeys.hint(key), rpm),
+        )
+        change.key(key_id)
     return {"id": key_id, "workspace_id": ws["id"], "name": name, "key": key,
             "rpm_limit": rpm or ws["rpm_default"]}
 

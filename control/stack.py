@@ -186,8 +186,9 @@ class Stack:
         for i, address in enumerate(replicas):
             if not wait_for_port(address.host, address.port, 20):
                 raise self._fail("ext_authz", f"extauth-{i}")
+        # The meter resumes from its committed position, so restarting it after a crash loses nothing.
         self._spawn("meter", [sys.executable, "-m", "meter"],
-                    {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)})
+                    {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)}, restart=True)
 
         s.access_log.parent.mkdir(parents=True, exist_ok=True)
         s.access_log.touch()

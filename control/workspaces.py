@@ -34,10 +34,12 @@ def create(ctx: Context, name: str, plan: str) -> dict[str, Any]:
     if not name or len(name) > 100:
         raise ControlError("invalid_name", "a workspace name is 1 to 100 characters")
     ws_id = new_id("ws")
-    cur = ctx.db.execute(
-        "INSERT INTO workspaces (id, name, plan) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
-        (ws_id, name, _plan(plan)),
-    )
+    with hotsync.changing(ctx) as change:
+        cur = ctx.db.execute(
+            "INSERT INTO workspaces (id, name, plan) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            (ws_id, name, _plan(plan)),
+        )
+        change.workspace(ws_id)
     if cur.rowcount == 0:
         raise ControlError("workspace_exists", f"a workspace named {name!r} already exists")
     return resolve(ctx, ws_id)

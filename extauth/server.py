@@ -12,12 +12,11 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.metrics import Meter, NoOpMeterProvider
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from control.crypto import Keyring, load_keyring
+from control.telemetry import prometheus_provider
 from extauth import admin
 from extauth.metrics import ExtauthMetrics
 from extauth.servicer import AuthorizationServicer
@@ -28,13 +27,8 @@ log = logging.getLogger("extauth")
 
 
 def _meter(enabled: bool) -> Meter:
-    if not enabled:
-        return NoOpMeterProvider().get_meter("extauth")
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-    provider = MeterProvider(
-        metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": "gateway-extauth"})
-    )
+    # The admin port serves /metrics itself (beside /ready and the internal route).
+    provider = prometheus_provider("gateway-extauth") if enabled else NoOpMeterProvider()
     return provider.get_meter("extauth")
 
 

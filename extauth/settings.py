@@ -39,7 +39,7 @@ class ExtauthSettings:
             master_key_file=Path(env_str("GATEWAY_MASTER_KEY_FILE", str(state_dir / "master.key"))),
             cache_size=env_int("EXTAUTH_CACHE_SIZE", 10_000, minimum=1),
             cache_ttl_s=env_int("EXTAUTH_CACHE_TTL_S", 300, minimum=1),
-            redis_timeout_ms=env_int("EXTAUTH_REDIS_TIMEOUT_MS", 100, minimum=1),
+            redis_timeout_ms=env_int("EXTAUTH_REDIS_TIMEOUT_MS", 250, minimum=1),
             redis_failure_mode=env_choice("RATELIMIT_FAILURE_MODE", "closed", ("closed", "open")),
             metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),

@@ -5,10 +5,12 @@ generation compare in the same Redis round trip as the rate limit), so steady st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -17,6 +19,7 @@ from control.plans import effective_limits
 from extauth.cache import BoundedCache
 
 log = logging.getLogger("extauth")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,28 @@ class StateStore:
         # a key minted later: this cache never needs invalidating.
         self.unknown: BoundedCache[bytes, bool] = BoundedCache(capacity)
         self.workspaces: BoundedCache[str, WorkspaceEntry] = BoundedCache(capacity)
+        # Loads under way: concurrent misses of one key or workspace (a burst on a cold cache, every
+        # request seeing the same change) share one database read instead of queueing for the pool.
+        self._loading: dict[object, asyncio.Future[Any]] = {}
+
+    async def _single_flight(self, what: object, load: Callable[[], Awaitable[T]]) -> T:
+        pending = self._loading.get(what)
+        if pending is not None:
+            result: T = await asyncio.shield(pending)
+            return result
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._loading[what] = future
+        try:
+            value = await load()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it, nobody else needs to
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._loading[what]
 
     async def key(self, key_hash: bytes) -> KeyEntry | None:
         entry = self.keys.get(key_hash)
@@ -81,6 +106,9 @@ class StateStore:
         return await self.reload_key(key_hash)
 
     async def reload_key(self, key_hash: bytes) -> KeyEntry | None:
+        return await self._single_flight(("key", key_hash), lambda: self._load_key(key_hash))
+
+    async def _load_key(self, key_hash: bytes) -> KeyEntry | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT id, workspace_id, generation, revoked_at IS NOT NULL, rpm_limit"
@@ -103,6 +131,9 @@ class StateStore:
         return await self.reload_workspace(workspace_id)
 
     async def reload_workspace(self, workspace_id: str) -> WorkspaceEntry | None:
+        return await self._single_flight(("workspace", workspace_id), lambda: self._load_workspace(workspace_id))
+
+    async def _load_workspace(self, workspace_id: str) -> WorkspaceEntry | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT plan, generation, rpm_default, rpm_ceiling FROM workspaces WHERE id = %s",

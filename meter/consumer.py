@@ -1,0 +1,105 @@
+"""The meter's loop: read a batch of lines, parse it, record it in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import psycopg
+from opentelemetry.metrics import NoOpMeterProvider
+
+from meter.metrics import MeterMetrics
+from meter.parse import Reject, UsageRecord, parse_line
+from meter.settings import MeterSettings
+from meter.spend_flags import SpendFlags
+from meter.store import RejectedLine, UsageStore
+from meter.tail import LogTailer
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_SECONDS = 2.0
+
+
+class Meter:
+    """One log followed into one database connection. After an error, discard it and open a new one:
+    the lines of a failed write are read again from the stored position."""
+
+    def __init__(
+        self,
+        settings: MeterSettings,
+        store: UsageStore,
+        tailer: LogTailer,
+        metrics: MeterMetrics,
+        spend_flags: SpendFlags | None,
+    ) -> None:
+        self._settings = settings
+        self._log_path = str(settings.access_log)
+        self._store = store
+        self._tailer = tailer
+        self._metrics = metrics
+        self._spend_flags = spend_flags
+
+    @classmethod
+    @contextmanager
+    def open(cls, settings: MeterSettings, metrics: MeterMetrics | None = None) -> Iterator[Meter]:
+        """Resume from the position stored for the log, or start it from the beginning."""
+        with ExitStack() as stack:
+            store = UsageStore.connect(settings.database_url)
+            stack.callback(store.close)
+            tailer = LogTailer(settings.access_log, store.load_position(str(settings.access_log)))
+            stack.callback(tailer.close)
+            spend_flags = SpendFlags(settings.redis_url) if settings.redis_url else None
+            if spend_flags is not None:
+                stack.callback(spend_flags.close)
+            yield cls(settings, store, tailer, metrics or MeterMetrics(NoOpMeterProvider()), spend_flags)
+
+    def step(self) -> int:
+        """Record the next batch of complete lines; return how many lines it held (0: none yet)."""
+        batch = self._tailer.next_batch(self._settings.batch_lines)
+        self._metrics.lag_bytes = self._tailer.lag_bytes
+        if batch is None:
+            return 0
+        records: list[UsageRecord] = []
+        rejects: list[RejectedLine] = []
+        for offset, line in batch.numbered():
+            parsed = parse_line(line)
+            if isinstance(parsed, Reject):
+                rejects.append(RejectedLine(offset, line, parsed.reason))
+            else:
+                records.append(parsed)
+        recorded = self._store.write(self._log_path, batch.end, records, rejects)
+        self._metrics.record(len(batch.lines), len(rejects), recorded)
+        if self._spend_flags is not None:
+            charged = {row.workspace_id for row in recorded if row.charged and row.workspace_id}
+            self._spend_flags.refresh(self._store.conn, charged)
+        return len(batch.lines)
+
+    def consume_available(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Record batches until no complete line is left or `stop()` says so; return the lines recorded."""
+        total = 0
+        while not stop() and (count := self.step()):
+            total += count
+        return total
+
+
+def run_once(settings: MeterSettings) -> int:
+    """Record every complete line the log holds now; return how many lines that was."""
+    with Meter.open(settings) as meter:
+        return meter.consume_available()
+
+
+def follow(settings: MeterSettings, stop: threading.Event, metrics: MeterMetrics) -> None:
+    """Record lines as they are written until `stop` is set; the batch under way when it is set is
+    committed first. A lost database connection is retried, resuming from the stored position, since a
+    commit whose acknowledgement was lost may or may not have happened."""
+    while not stop.is_set():
+        try:
+            with Meter.open(settings, metrics) as meter:
+                while not stop.is_set():
+                    if not meter.consume_available(stop.is_set):
+                        stop.wait(settings.poll_seconds)
+        except psycopg.OperationalError as err:
+            log.warning("database unavailable, retrying in %.0f s: %s", _RECONNECT_SECONDS, err)
+            stop.wait(_RECONNECT_SECONDS)

@@ -1,0 +1,168 @@
+"""One Envoy access-log line (see the `json_format` block of envoy/envoy.yaml) to a typed usage record,
+or to the reason it is rejected.
+
+Envoy writes absent metadata as `null`, and some operators write "-"; both (and "") become None.
+Everything a record holds is checked to fit its column in `usage_events`, because one value PostgreSQL
+refuses would fail the whole batch it is written with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+MAX_LINE_BYTES = 1 << 20  # far above any real line; bounds what one line may hold in memory
+
+_INT4_MAX = 2**31 - 1
+_INT8_MAX = 2**63 - 1
+_ABSENT = (None, "-", "")
+_CLIENT_ABORTED = "DC"  # Envoy response flag: downstream connection terminated
+_JSON = json.JSONDecoder()
+
+
+class UsageRecord(NamedTuple):
+    """A row of `usage_events`; the field names are its column names (cost is computed in SQL)."""
+
+    request_id: str
+    start_time: datetime | None
+    workspace_id: str | None
+    key_id: str | None
+    deployment_id: str | None
+    destination: str | None
+    route: str | None
+    model: str | None
+    response_model: str | None
+    status: int | None
+    flags: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    usage_estimated: bool
+    duration_ms: int | None
+    ttfb_ms: int | None
+    bytes_received: int | None
+    bytes_sent: int | None
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+class _Malformed(Exception):
+    pass
+
+
+def parse_line(raw: bytes) -> UsageRecord | Reject:
+    if len(raw) >= MAX_LINE_BYTES:
+        return Reject(f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return Reject("not UTF-8")
+    try:
+        # raw_decode skips json.loads' own decoding and whitespace handling: a measurable share of the
+        # meter's time per line.
+        entry, end = _JSON.raw_decode(text)
+    except ValueError as err:
+        return Reject(f"not JSON: {err}")
+    if text[end:].strip():
+        return Reject("not JSON: data after the object")
+    if not isinstance(entry, dict):
+        return Reject("not a JSON object")
+    try:
+        record = _record(entry)
+        # A \u escape is the only way a string decoded from valid JSON can hold a NUL or an unpaired
+        # surrogate, which PostgreSQL text cannot; most lines have none, and skip the check.
+        if "\\u" in text:
+            _check_storable(record)
+    except _Malformed as err:
+        return Reject(str(err))
+    return record
+
+
+def _record(entry: dict[str, Any]) -> UsageRecord:
+    request_id = _text(entry, "request_id")
+    if request_id is None:
+        raise _Malformed("missing request_id")
+    status = _int(entry, "status", 999)
+    flags = _text(entry, "flags")
+    prompt_tokens = _int(entry, "prompt_tokens", _INT4_MAX)
+    completion_tokens = _int(entry, "completion_tokens", _INT4_MAX)
+    # A streamed response the client hung up on never reached its usage chunk: the request did use
+    # tokens, so the row says the zero is a guess. Any other missing usage (errors, denials) is a real 0.
+    usage_estimated = (
+        (prompt_tokens is None or completion_tokens is None)
+        and status == 200
+        and flags is not None
+        and _CLIENT_ABORTED in flags.split(",")
+    )
+    return UsageRecord(
+        request_id=request_id,
+        start_time=_time(entry, "start_time"),
+        workspace_id=_text(entry, "workspace_id"),
+        key_id=_text(entry, "key_id"),
+        deployment_id=_text(entry, "deployment_id"),
+        destination=_text(entry, "destination"),
+        route=_text(entry, "route"),
+        model=_text(entry, "model"),
+        response_model=_text(entry, "response_model"),
+        status=status,
+        flags=flags,
+        prompt_tokens=prompt_tokens or 0,
+        completion_tokens=completion_tokens or 0,
+        usage_estimated=usage_estimated,
+        duration_ms=_int(entry, "duration_ms", _INT4_MAX),
+        ttfb_ms=_int(entry, "ttfb_ms", _INT4_MAX),
+        bytes_received=_int(entry, "bytes_received", _INT8_MAX),
+        bytes_sent=_int(entry, "bytes_sent", _INT8_MAX),
+    )
+
+
+def _text(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value in _ABSENT:
+        return None
+    if type(value) is not str:
+        raise _Malformed(f"{key}: expected a string, got {value!r:.80}")
+    return value
+
+
+def _int(entry: dict[str, Any], key: str, maximum: int) -> int | None:
+    value = entry.get(key)
+    if type(value) is int and 0 <= value <= maximum:
+        return value
+    if value in _ABSENT:
+        return None
+    # Metadata of type NUMBER is a double in Envoy, so counts may arrive as 12.0, or as text.
+    if (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.isascii() and value.isdigit()
+    ):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise _Malformed(f"{key}: expected an integer from 0 to {maximum}, got {value!r:.80}")
+    return value
+
+
+def _time(entry: dict[str, Any], key: str) -> datetime | None:
+    text = _text(entry, key)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Malformed(f"{key}: not an ISO 8601 time: {text!r:.80}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _check_storable(record: UsageRecord) -> None:
+    for key, value in zip(UsageRecord._fields, record, strict=True):
+        if not isinstance(value, str):
+            continue
+        if "\x00" in value:
+            raise _Malformed(f"{key}: contains a NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise _Malformed(f"{key}: contains an unpaired surrogate") from None

@@ -1,0 +1,43 @@
+"""Settings of the meter (`python -m meter`), from the environment:
+
+- DATABASE_URL (required)
+- GATEWAY_ACCESS_LOG: the log to follow, default `$GATEWAY_STATE_DIR/access.log` (state dir `.gateway`)
+- METER_BATCH_LINES: most lines recorded per transaction, default 500
+- METER_POLL_MS: wait for new lines once the log is consumed, default 200
+- METER_METRICS_LISTEN: HOST:PORT of the Prometheus endpoint; none if unset
+- REDIS_URL: where the spend-limit flags live (see meter.spend_flags); not maintained if unset
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from control.env import HostPort, SettingsError, env_int, env_opt, env_str
+
+
+@dataclass(frozen=True)
+class MeterSettings:
+    database_url: str
+    access_log: Path
+    batch_lines: int
+    poll_seconds: float
+    metrics_listen: HostPort | None
+    redis_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> MeterSettings:
+        database_url = env_opt("DATABASE_URL")
+        if database_url is None:
+            raise SettingsError("DATABASE_URL is required")
+        state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
+        metrics_listen = env_opt("METER_METRICS_LISTEN")
+        return cls(
+            database_url=database_url,
+            # Absolute, because the path is the key of the stored read position.
+            access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))).absolute(),
+            batch_lines=env_int("METER_BATCH_LINES", 500, minimum=1),
+            poll_seconds=env_int("METER_POLL_MS", 200, minimum=1) / 1000,
+            metrics_listen=HostPort.parse(metrics_listen, "METER_METRICS_LISTEN") if metrics_listen else None,
+            redis_url=env_opt("REDIS_URL"),
+        )

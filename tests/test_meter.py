@@ -1,0 +1,444 @@
+"""Tests for the meter against a real (embedded) PostgreSQL: in-process through `run_once` and `Meter`,
+and as `python -m meter` subprocesses for kill -9, graceful stop and the metrics endpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from control.migrate import apply_migrations
+from control.net import free_port, wait_for_http
+from extauth.hotstate import spend_redis_key
+from meter import Meter, MeterSettings, run_once
+from meter.metrics import OTHER, UsageLabels
+from meter.parse import MAX_LINE_BYTES
+from tests.conftest import fresh_database
+from tests.support import ROOT, wait_until
+
+
+@pytest.fixture
+def db(postgres_server: str) -> str:
+    url = fresh_database(postgres_server)
+    apply_migrations(url)
+    return url
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "access.log"
+
+
+def settings(db: str, log_path: Path, batch_lines: int = 500) -> MeterSettings:
+    return MeterSettings(
+        database_url=db, access_log=log_path, batch_lines=batch_lines, poll_seconds=0.02, metrics_listen=None
+    )
+
+
+def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "request_id": request_id or str(uuid.uuid4()),
+        "start_time": "2026-11-24T11:25:01.123456Z",
+        "method": "POST",
+        "route": "/v1/chat/completions",
+        "status": 200,
+        "flags": "-",
+        "decision": "allow",
+        "error_code": None,
+        "workspace_id": "ws_abc",
+        "key_id": "key_abc",
+        "deployment_id": "dep_abc",
+        "destination": "runpod",
+        "model": "demo-chat",
+        "response_model": "demo-chat",
+        "prompt_tokens": 12,
+        "completion_tokens": 7,
+        "upstream_host": "127.0.0.1:5000",
+        "duration_ms": 15,
+        "ttfb_ms": 9,
+        "bytes_received": 120,
+        "bytes_sent": 640,
+    }
+    line.update(fields)
+    return line
+
+
+def append(path: Path, *lines: dict[str, Any] | bytes) -> None:
+    with path.open("ab") as out:
+        for line in lines:
+            out.write(line if isinstance(line, bytes) else json.dumps(line).encode() + b"\n")
+
+
+def numbered_entries(count: int, prefix: str) -> list[dict[str, Any]]:
+    return [
+        entry(f"{prefix}-{i}", prompt_tokens=i % 97, completion_tokens=i % 31, workspace_id=f"ws_{i % 3}")
+        for i in range(count)
+    ]
+
+
+def query(db: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def totals(db: str) -> tuple[int, int, int]:
+    count, prompt, completion = query(
+        db, "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM usage_events"
+    )[0]
+    return count, prompt, completion
+
+
+def expected_totals(entries: list[dict[str, Any]]) -> tuple[int, int, int]:
+    return (
+        len(entries),
+        sum(e["prompt_tokens"] or 0 for e in entries),
+        sum(e["completion_tokens"] or 0 for e in entries),
+    )
+
+
+def start_meter(db: str, log_path: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meter"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": db, "GATEWAY_ACCESS_LOG": str(log_path), "METER_POLL_MS": "20", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_token_totals_are_exact(db: str, log_path: Path) -> None:
+    entries = numbered_entries(2000, "req")
+    aborted = entry("aborted-stream", flags="DC", prompt_tokens=None, completion_tokens=None)
+    failed = entry("upstream-error", status=503, flags="UF", prompt_tokens=None, completion_tokens=None)
+    denied = entry("denied", status=429, decision="deny", prompt_tokens="-", completion_tokens="-")
+    append(log_path, *entries, aborted, failed, denied)
+
+    assert run_once(settings(db, log_path)) == 2003
+
+    assert totals(db) == (2003, *expected_totals(entries)[1:])
+    flagged = query(db, "SELECT request_id FROM usage_events WHERE usage_estimated")
+    assert flagged == [("aborted-stream",)]
+    assert query(db, "SELECT count(*) FROM meter_rejects") == [(0,)]
+    (row,) = query(db, "SELECT start_time, status, flags, bytes_sent FROM usage_events WHERE request_id = 'req-5'")
+    assert row[0].isoformat() == "2026-11-24T11:25:01.123456+00:00"
+    assert row[1:] == (200, None, 640)
+
+
+def test_replay_counts_nothing_twice(db: str, log_path: Path) -> None:
+    entries = numbered_entries(300, "req")
+    append(log_path, *entries, entries[7])  # the same request twice in the log
+    config = settings(db, log_path, batch_lines=64)
+
+    assert run_once(config) == 301
+    assert run_once(config) == 0  # resumes at the stored offset
+    with psycopg.connect(db) as conn:
+        conn.execute("DELETE FROM meter_offsets")
+    assert run_once(config) == 301  # every line read again...
+
+    assert totals(db) == expected_totals(entries)  # ...and nothing counted twice
+
+
+def test_sigterm_then_kill_9_mid_run_then_restart_records_each_request_once(
+    db: str, log_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    entries = numbered_entries(50_000, "req")
+    append(log_path, *entries)
+    content = log_path.read_bytes()
+
+    def recorded() -> int:
+        count: int = query(db, "SELECT count(*) FROM usage_events")[0][0]
+        return count
+
+    def run_until(rows: int) -> subprocess.Popen[str]:
+        meter = start_meter(db, log_path)
+        processes.append(meter)
+        wait_until(lambda: recorded() >= rows, 30, f"{rows} rows")
+        return meter
+
+    drained = run_until(5000)
+    drained.send_signal(signal.SIGTERM)
+    assert drained.wait(10) == 0
+    # The batch under way was committed with its offset: the rows are exactly the lines before it.
+    (offset,) = query(db, 'SELECT "offset" FROM meter_offsets')[0]
+    assert recorded() == content[:offset].count(b"\n") < len(entries)
+
+    killed = run_until(recorded() + 5000)
+    killed.kill()
+    killed.wait()
+    assert recorded() < len(entries), "the meter finished before it was killed; the test proved nothing"
+
+    finisher = start_meter(db, log_path)
+    processes.append(finisher)
+    wait_until(lambda: query(db, 'SELECT "offset" FROM meter_offsets') == [(len(content),)], 30, "the whole log")
+    finisher.send_signal(signal.SIGTERM)
+    assert finisher.wait(10) == 0
+
+    assert totals(db) == expected_totals(entries)
+    missing = {e["request_id"] for e in entries} - {r[0] for r in query(db, "SELECT request_id FROM usage_events")}
+    assert not missing
+    assert query(db, "SELECT count(*) FROM meter_rejects") == [(0,)]
+
+
+def test_rotation_mid_run_loses_nothing(db: str, log_path: Path) -> None:
+    rotated = log_path.with_name(log_path.name + ".1")
+    before, late, after = numbered_entries(100, "old"), numbered_entries(50, "late"), numbered_entries(70, "new")
+    with Meter.open(settings(db, log_path, batch_lines=32)) as meter:
+        append(log_path, *before)
+        assert meter.consume_available() == 100
+        log_path.rename(rotated)
+        append(rotated, *late)  # Envoy writes the old file until it reopens its log
+        assert meter.consume_available() == 50
+        append(log_path, *after)
+        assert meter.consume_available() == 70
+
+    assert totals(db) == expected_totals(before + late + after)
+    (position,) = query(db, 'SELECT inode, "offset" FROM meter_offsets')
+    assert position == (log_path.stat().st_ino, log_path.stat().st_size)
+
+
+def test_rotation_while_stopped_finishes_the_rotated_file(db: str, log_path: Path) -> None:
+    rotated = log_path.with_name(log_path.name + ".1")
+    before, unread, after = numbered_entries(100, "old"), numbered_entries(20, "unread"), numbered_entries(30, "new")
+    append(log_path, *before)
+    assert run_once(settings(db, log_path)) == 100
+    append(log_path, *unread)
+    log_path.rename(rotated)
+    append(log_path, *after)
+
+    assert run_once(settings(db, log_path)) == 50
+
+    assert totals(db) == expected_totals(before + unread + after)
+
+
+def test_truncation_restarts_at_zero(db: str, log_path: Path) -> None:
+    first, second, third = numbered_entries(100, "a"), numbered_entries(10, "b"), numbered_entries(5, "c")
+    config = settings(db, log_path)
+    with Meter.open(config) as meter:
+        append(log_path, *first)
+        assert meter.consume_available() == 100
+        log_path.write_bytes(b"")  # copytruncate
+        append(log_path, *second)
+        assert meter.consume_available() == 10
+    # And when the truncation happened while the meter was not running:
+    log_path.write_bytes(b"")
+    append(log_path, *third)
+    assert run_once(config) == 5
+
+    assert totals(db) == expected_totals(first + second + third)
+
+
+def test_malformed_lines_are_kept_aside(db: str, log_path: Path) -> None:
+    good = numbered_entries(4, "good")
+    bad = [
+        b"garbage\n",
+        b'{"request_id": "cut", "status": 2\n',
+        json.dumps(entry(None) | {"request_id": None}).encode() + b"\n",
+        b"[1, 2]\n",
+        json.dumps(entry("bad-tokens", prompt_tokens="lots")).encode() + b"\n",
+        json.dumps(entry("huge-tokens", completion_tokens=2**40)).encode() + b"\n",
+        json.dumps(entry("nul", model="demo\x00chat")).encode() + b"\n",
+        b'{"request_id": "latin1", "model": "caf\xe9"}\n',
+        json.dumps(entry("bad-time", start_time="yesterday")).encode() + b"\n",
+    ]
+    append(log_path, good[0], *bad[:5], good[1], good[2], *bad[5:], good[3])
+
+    assert run_once(settings(db, log_path, batch_lines=4)) == len(good) + len(bad)
+
+    assert totals(db) == expected_totals(good)
+    rejects = query(db, 'SELECT "offset", line, reason FROM meter_rejects ORDER BY id')
+    assert len(rejects) == len(bad)
+    content = log_path.read_bytes()
+    for (offset, line, _reason), raw in zip(rejects, bad, strict=True):
+        assert content[offset : offset + len(raw)] == raw
+        assert "\x00" not in line
+    reasons = [reason for _offset, _line, reason in rejects]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[2] == "missing request_id"
+    assert reasons[3] == "not a JSON object"
+    assert reasons[4].startswith("prompt_tokens:")
+    assert reasons[5].startswith("completion_tokens:")
+    assert "NUL" in reasons[6]
+    assert reasons[7] == "not UTF-8"
+    assert reasons[8].startswith("start_time:")
+
+
+def test_endless_line_is_rejected_in_pieces(db: str, log_path: Path) -> None:
+    after = entry("after")
+    append(log_path, b"x" * (MAX_LINE_BYTES + MAX_LINE_BYTES // 2) + b"\n", after)
+
+    assert run_once(settings(db, log_path)) == 3
+
+    reasons = query(db, 'SELECT "offset", length(line), reason FROM meter_rejects ORDER BY id')
+    assert reasons[0] == (0, 8192, f"line longer than {MAX_LINE_BYTES} bytes")
+    assert reasons[1][0] == MAX_LINE_BYTES and reasons[1][2].startswith("not JSON")
+    assert totals(db) == expected_totals([after])
+
+
+def test_partial_trailing_line_waits_for_its_newline(db: str, log_path: Path) -> None:
+    done = numbered_entries(2, "done")
+    pending = json.dumps(entry("pending")).encode() + b"\n"
+    append(log_path, *done, pending[:40])
+    config = settings(db, log_path)
+
+    assert run_once(config) == 2
+    assert run_once(config) == 0
+    append(log_path, pending[40:])
+    assert run_once(config) == 1
+
+    assert query(db, "SELECT count(*) FROM meter_rejects") == [(0,)]
+    assert totals(db) == expected_totals([*done, entry("pending")])
+
+
+def test_cost_of_managed_rows(db: str, log_path: Path) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO model_prices VALUES ('model', 'demo-chat', 0.50, 1.50), ('deployment', 'dep_own', 2, 4)"
+        )
+    managed = {"destination": "managed", "prompt_tokens": 1000, "completion_tokens": 3}
+    append(
+        log_path,
+        entry("by-model", **managed),
+        entry("by-deployment", deployment_id="dep_own", **managed),
+        entry("byo", **(managed | {"destination": "runpod"})),
+        entry("unpriced", model="other-model", **managed),
+    )
+
+    run_once(settings(db, log_path))
+
+    costs = dict(query(db, "SELECT request_id, cost_usd FROM usage_events"))
+    assert costs == {
+        "by-model": Decimal("0.000504500"),  # 1000 * 0.5 / 1e6 + 3 * 1.5 / 1e6
+        "by-deployment": Decimal("0.002012000"),  # 1000 * 2 / 1e6 + 3 * 4 / 1e6
+        "byo": Decimal("0"),
+        "unpriced": Decimal("0"),
+    }
+
+
+def test_charged_workspaces_get_their_spend_flag_refreshed(db: str, log_path: Path, redis_url: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO workspaces (id, name, plan, spend_limit_usd) VALUES"
+            " ('ws_capped', 'capped', 'pro', 0.0001), ('ws_free', 'free', 'pro', 100)"
+        )
+        conn.execute("INSERT INTO model_prices VALUES ('model', 'demo-chat', 10, 10)")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    managed = {"destination": "managed", "start_time": now, "prompt_tokens": 10, "completion_tokens": 10}
+    append(log_path, entry(workspace_id="ws_capped", **managed), entry(workspace_id="ws_free", **managed))
+
+    run_once(dataclasses.replace(settings(db, log_path), redis_url=redis_url))
+
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists(spend_redis_key("ws_capped")) and not client.exists(spend_redis_key("ws_free"))
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text format to {(name, labels): value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    series = {}
+    for line in body.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        name, _, labels = key.partition("{")
+        pairs = (pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
+        scoped = frozenset((k, v.strip('"')) for k, v in pairs if not k.startswith("otel_scope_"))
+        series[(name, scoped)] = float(value)
+    return series
+
+
+def test_metrics_endpoint_and_graceful_stop(
+    db: str, log_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    meter = start_meter(db, log_path, METER_METRICS_LISTEN=f"127.0.0.1:{port}")
+    processes.append(meter)
+    assert meter.stdout is not None
+    assert meter.stdout.readline().strip() == f"meter following {log_path}"
+    assert wait_for_http(url, 10)
+    append(
+        log_path,
+        entry("a", prompt_tokens=10, completion_tokens=5),
+        entry("b", prompt_tokens=1, completion_tokens=2, model="other"),
+        entry("c", status=503, prompt_tokens=None, completion_tokens=None),
+        b"not json\n",
+    )
+    size = log_path.stat().st_size
+    wait_until(lambda: query(db, 'SELECT "offset" FROM meter_offsets') == [(size,)], 10, "the lines to be recorded")
+    lag = ("gateway_meter_lag_bytes", frozenset[tuple[str, str]]())
+    wait_until(lambda: scrape(url).get(lag) == 0, 10, "the lag to reach 0")
+
+    series = scrape(url)
+
+    def usage(model: str, kind: str) -> float:
+        labels = {"gen_ai_request_model": model, "gen_ai_token_type": kind, "workspace_id": "ws_abc"}
+        return series[("gen_ai_client_token_usage_total", frozenset(labels.items()))]
+
+    def requests(status_class: str) -> float:
+        return series[("gateway_meter_requests_total", frozenset({("http_response_status_code", status_class)}))]
+
+    assert (usage("demo-chat", "input"), usage("demo-chat", "output"), usage("other", "input")) == (10, 5, 1)
+    assert (requests("2xx"), requests("5xx")) == (2, 1)
+    assert series[("gateway_meter_lines_total", frozenset())] == 4
+    assert series[("gateway_meter_malformed_lines_total", frozenset())] == 1
+
+    meter.send_signal(signal.SIGTERM)
+    assert meter.wait(10) == 0
+
+
+def test_missing_tables_fail_with_a_clear_message(
+    postgres_server: str, log_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    meter = start_meter(fresh_database(postgres_server), log_path)
+    processes.append(meter)
+    _out, err = meter.communicate(timeout=20)
+    assert meter.returncode == 2
+    assert "usage_events" in err and "migrations" in err
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("GATEWAY_ACCESS_LOG", "METER_BATCH_LINES", "METER_POLL_MS", "METER_METRICS_LISTEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgresql:///x")
+    monkeypatch.setenv("GATEWAY_STATE_DIR", str(tmp_path))
+
+    defaults = MeterSettings.from_env()
+    assert (defaults.access_log, defaults.batch_lines, defaults.poll_seconds) == (tmp_path / "access.log", 500, 0.2)
+    assert defaults.metrics_listen is None
+
+    monkeypatch.setenv("METER_METRICS_LISTEN", "127.0.0.1:9464")
+    assert str(MeterSettings.from_env().metrics_listen) == "127.0.0.1:9464"
+
+
+def test_usage_labels_fold_pairs_beyond_the_limit() -> None:
+    labels = UsageLabels(limit=2)
+    assert labels("ws_1", "m") == ("ws_1", "m")
+    assert labels("ws_2", None) == ("ws_2", "unknown")
+    assert labels("ws_3", "m") == (OTHER, OTHER)
+    assert labels("ws_1", "m") == ("ws_1", "m")
