@@ -1,0 +1,394 @@
+"""One benchmark run, start to finish: start everything, measure in a fixed order, report, clean up.
+
+Order matters on two shared cores. The meter's throughput is measured first, on an otherwise idle box.
+Bare Envoy runs before the gateway so the meter's catching up after gateway load never overlaps the
+baseline. The soak comes last and is the longest part, so its start sees an ext_authz already warmed by
+everything before it and a flat RSS means no growth per request rather than warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import envoys, meterbench, ttft, wrk
+from bench.openloop import Spec
+from bench.procs import HarnessError, Processes, cpu_seconds, free_port, rss_bytes, tail, wait_for_port
+from bench.report import Row, table, write_json
+from bench.services import CHAT_MODEL, STREAM_MODEL, Gateway, Services, Tenant, base_env
+
+CHAT_BODY = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hello there"}]})
+STREAM_BODY = json.dumps({"model": STREAM_MODEL, "messages": [{"role": "user", "content": "one two three"}],
+                          "stream": True})
+
+# Targets (the product's performance contract).
+MIN_GATEWAY_RPS = 5000.0
+MAX_ADDED_P50_MS = 1.0
+MAX_ADDED_P99_MS = 5.0
+MAX_TTFT_ADDED_MS = 2.0
+MIN_METER_LINES_PER_S = 20000.0
+MAX_METER_CATCHUP_S = 2.0
+MAX_RSS_GROWTH = 0.10
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    duration_s: float  # each measured wrk run and each open-loop run
+    warmup_s: float
+    soak_s: float
+    rate: float  # open-loop offered rate, requests/s
+    soak_rate: float
+    connections: int
+    threads: int
+    openloop_connections: int
+    ttft_samples: int
+    stream_delay_ms: int
+    meter_lines: int
+
+    @classmethod
+    def from_env(cls, quick: bool) -> Config:
+        def number(name: str, default: float, quick_default: float) -> float:
+            raw = os.environ.get(name)
+            try:
+                value = float(raw) if raw else (quick_default if quick else default)
+            except ValueError:
+                raise HarnessError(f"{name} must be a number, got {raw!r}") from None
+            if value <= 0:
+                raise HarnessError(f"{name} must be positive, got {raw!r}")
+            return value
+
+        # Defaults keep a full run near four minutes on two cores: about 90 s of set-up and short
+        # measurements, the rest the soak. BENCH_SOAK_S=300 gives a five-minute soak (~6.5 min in all).
+        return cls(
+            quick=quick,
+            duration_s=number("BENCH_DURATION_S", 10, 2),
+            warmup_s=number("BENCH_WARMUP_S", 2, 1),
+            soak_s=number("BENCH_SOAK_S", 150, 5),
+            rate=number("BENCH_RATE", 1000, 1000),
+            soak_rate=number("BENCH_SOAK_RATE", 1000, 1000),
+            connections=int(number("BENCH_CONNECTIONS", 32, 32)),
+            threads=int(number("BENCH_THREADS", 2, 2)),
+            openloop_connections=int(number("BENCH_OPENLOOP_CONNECTIONS", 32, 32)),
+            ttft_samples=int(number("BENCH_TTFT_SAMPLES", 50, 5)),
+            stream_delay_ms=int(number("BENCH_STREAM_DELAY_MS", 10, 10)),
+            meter_lines=int(number("BENCH_METER_LINES", 200_000, 20_000)),
+        )
+
+
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {role: sum(cpu_seconds(pid) for pid in group) for role, group in pids.items()}
+
+
+def _per_request_us(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    return {role: (after[role] - before[role]) / max(1, requests) * 1e6 for role in before}
+
+
+class Bench:
+    def __init__(self, cfg: Config, tmp: Path, procs: Processes, services: Services) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.procs = procs
+        self.services = services
+        self.details: dict[str, Any] = {}
+
+    # --- pieces ---------------------------------------------------------------------------------------
+
+    def meter_throughput(self) -> meterbench.MeterRun:
+        log = self.tmp / "meter-bench.log"
+        size = meterbench.write_log(log, self.cfg.meter_lines)
+        database_url = self.services.create_database("meter_bench")
+        from control.migrate import apply_migrations
+
+        apply_migrations(database_url)
+        env = {**base_env(), "DATABASE_URL": database_url, "GATEWAY_ACCESS_LOG": str(log),
+               "GATEWAY_STATE_DIR": str(self.tmp / "meter-state")}
+        output = self.procs.run("meter-throughput", [sys.executable, "-m", "bench.meterbench"], env, timeout_s=600)
+        result = meterbench.parse_run(output, database_url)
+        if result.lines != self.cfg.meter_lines:
+            raise HarnessError(f"the meter consumed {result.lines} of {self.cfg.meter_lines} lines")
+        self.details["meter_throughput"] = {**asdict(result), "log_bytes": size, "lines_per_s": result.lines_per_s}
+        return result
+
+    def check_reply(self, port: int, api_key: str) -> None:
+        """One request before measuring anything: a setup that answers errors has nothing to measure."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=CHAT_BODY.encode(), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as reply:
+                body = json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            raise HarnessError(f"port {port} answered {err.code}: {err.read()[:500]!r}") from None
+        if "usage" not in body:
+            raise HarnessError(f"port {port} answered without usage: {body}")
+
+    def throughput(
+        self, name: str, port: int, script: Path, pids: dict[str, list[int]]
+    ) -> tuple[wrk.WrkResult, dict[str, float]]:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        c, t = self.cfg.connections, self.cfg.threads
+        wrk.run(self.procs, f"wrk-{name}-warmup", url, script, self.cfg.warmup_s, c, t)
+        before = _cpu(pids)
+        result = wrk.run(self.procs, f"wrk-{name}", url, script, self.cfg.duration_s, c, t)
+        cpu = _per_request_us(before, _cpu(pids), result.requests)
+        self.details[f"wrk_{name}"] = {**asdict(result), "cpu_us_per_request": cpu}
+        return result, cpu
+
+    def openloop_spec(self, name: str, port: int, tenant: Tenant, rate: float, seconds: float) -> Path:
+        spec = Spec(host="127.0.0.1", port=port, path="/v1/chat/completions",
+                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {tenant.api_key}"},
+                    body=CHAT_BODY, rate=rate, seconds=seconds, connections=self.cfg.openloop_connections)
+        path = self.tmp / f"openloop-{name}.json"
+        path.write_text(json.dumps(asdict(spec)), encoding="utf-8")
+        return path
+
+    def openloop(self, name: str, port: int, tenant: Tenant) -> dict[str, Any]:
+        spec = self.openloop_spec(name, port, tenant, self.cfg.rate, self.cfg.duration_s)
+        output = self.procs.run(f"openloop-{name}", [sys.executable, "-m", "bench.openloop", str(spec)], base_env(),
+                                timeout_s=self.cfg.duration_s + 60)
+        result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+        self.details[f"openloop_{name}"] = result
+        return result
+
+    def soak(self, gateway: Gateway, tenant: Tenant) -> tuple[int, int, int]:
+        """(RSS at start, at end, at most) of ext_authz, all replicas summed, under a steady open-loop load."""
+        extauth = gateway.pids()["extauth"]
+        spec = self.openloop_spec("soak", gateway.listen_port, tenant, self.cfg.soak_rate, self.cfg.soak_s)
+        child = self.procs.spawn("openloop-soak", [sys.executable, "-m", "bench.openloop", str(spec)], base_env())
+        started = time.monotonic()
+        samples: list[tuple[float, int]] = []
+        # The first sample waits for the load to be under way: start means "at steady load".
+        settle = min(2.0, self.cfg.soak_s / 5)
+        interval = max(0.5, min(5.0, self.cfg.soak_s / 60))
+        deadline = started + self.cfg.soak_s + 60
+        while child.proc.poll() is None:
+            elapsed = time.monotonic() - started
+            if settle <= elapsed <= self.cfg.soak_s:
+                samples.append((elapsed, sum(rss_bytes(pid) for pid in extauth)))
+            if time.monotonic() > deadline:
+                raise HarnessError("the soak's load generator did not finish")
+            time.sleep(interval if elapsed >= settle else 0.1)
+        if child.proc.returncode != 0 or not samples:
+            raise HarnessError(f"the soak failed (exit {child.proc.returncode}):\n{tail(child.log.read_text())}")
+        self.procs.children.remove(child)
+        result = json.loads(child.log.read_text().strip().splitlines()[-1])
+        self.details["soak"] = {**result, "rss_samples": [[round(t, 1), rss] for t, rss in samples]}
+        return samples[0][1], samples[-1][1], max(rss for _, rss in samples)
+
+    # --- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> list[Row]:
+        cfg, services = self.cfg, self.services
+        say("starting PostgreSQL, Redis and the RunPod simulator")
+        services.start_postgres()
+        services.start_redis()
+        services.start_simulator()
+
+        say(f"meter throughput on {cfg.meter_lines:,} pre-written access-log lines")
+        meter_run = self.meter_throughput()
+
+        say("starting the gateway (gatewayctl up) and provisioning a tenant")
+        upstream_port, bare_port = free_port(), free_port()
+        gateway = services.start_gateway(services.create_database("gateway"), f"http://127.0.0.1:{upstream_port}")
+        tenant = services.provision(gateway)
+        services.set_stream_delay(tenant.stream_endpoint, cfg.stream_delay_ms)
+        from control.stack import envoy_binary
+
+        envoy = envoy_binary()
+        upstream = envoys.start(self.procs, "upstream-envoy", envoy, envoys.upstream_config(
+            upstream_port, f"/v2/{tenant.stream_endpoint}/", services.simulator_port), self.tmp)
+        wait_for_port(upstream_port, 20, upstream)
+        bare = envoys.start(self.procs, "bare-envoy", envoy, envoys.bare_config(bare_port, upstream_port), self.tmp)
+        wait_for_port(bare_port, 20, bare)
+        self.check_reply(bare_port, tenant.api_key)
+        self.check_reply(gateway.listen_port, tenant.api_key)
+        pids = gateway.pids()
+        self.details["pids"] = pids
+
+        script = wrk.write_script(self.tmp / "chat.lua", CHAT_BODY, tenant.api_key)
+        say(f"throughput, bare Envoy: wrk {cfg.connections} connections, {cfg.threads} threads, {cfg.duration_s:g} s")
+        bare_wrk, _ = self.throughput("bare", bare_port, script, {
+            "envoy": [bare.proc.pid], "upstream": [upstream.proc.pid]})
+        say("throughput, gateway")
+        gw_roles = {**pids, "upstream": [upstream.proc.pid]}
+        gw_wrk, gw_cpu = self.throughput("gateway", gateway.listen_port, script, gw_roles)
+        stopped = time.monotonic()
+
+        say("meter lag after the load")
+        from control import stack
+
+        flush_s = getattr(stack, "ENVOY_FLUSH_MS", 1000) / 1000
+        database_url = gateway.env["DATABASE_URL"]
+        lag = meterbench.lag_after_load(database_url, gateway.access_log, stopped, settle_s=max(1.5, 3 * flush_s),
+                                        timeout_s=20)
+        self.details["meter_lag"] = asdict(lag)
+
+        say(f"added latency, open loop at {cfg.rate:g} req/s for {cfg.duration_s:g} s each")
+        ol_bare = self.openloop("bare", bare_port, tenant)
+        ol_gw = self.openloop("gateway", gateway.listen_port, tenant)
+
+        say(f"streamed time to first token, {cfg.ttft_samples} requests each way")
+        gateway_stream = (gateway.listen_port, ttft.request(gateway.listen_port, "/v1/chat/completions",
+                                                            tenant.api_key, STREAM_BODY))
+        direct_stream = (upstream_port, ttft.request(
+            upstream_port, f"/v2/{tenant.stream_endpoint}/openai/v1/chat/completions", tenant.runpod_key, STREAM_BODY))
+        first_token = ttft.measure(gateway_stream, direct_stream, cfg.ttft_samples)
+        self.details["ttft"] = asdict(first_token)
+
+        say(f"soak: {cfg.soak_rate:g} req/s through the gateway for {cfg.soak_s:g} s")
+        rss_start, rss_end, rss_max = self.soak(gateway, tenant)
+        if gateway.child.proc.poll() is not None:
+            raise HarnessError(f"the gateway exited during the run:\n{tail(gateway.child.log.read_text())}")
+        self.details["meter_rows_vs_log_lines"] = self._meter_consistency(gateway)
+        return self._rows(meter_run, bare_wrk, gw_wrk, gw_cpu, lag, ol_bare, ol_gw, first_token,
+                          (rss_start, rss_end, rss_max))
+
+    def _meter_consistency(self, gateway: Gateway) -> dict[str, int]:
+        import psycopg
+
+        lines = gateway.access_log.read_bytes().count(b"\n")
+        with psycopg.connect(gateway.env["DATABASE_URL"]) as conn:
+            row = conn.execute("SELECT count(*) FROM usage_events").fetchone()
+        return {"access_log_lines": lines, "usage_rows": int(row[0]) if row else 0}
+
+    def _rows(
+        self,
+        meter_run: meterbench.MeterRun,
+        bare: wrk.WrkResult,
+        gw: wrk.WrkResult,
+        gw_cpu: dict[str, float],
+        lag: meterbench.Lag,
+        ol_bare: dict[str, Any],
+        ol_gw: dict[str, Any],
+        first_token: ttft.Ttft,
+        rss: tuple[int, int, int],
+    ) -> list[Row]:
+        added_p50 = ol_gw["latency_p50_ms"] - ol_bare["latency_p50_ms"]
+        added_p99 = ol_gw["latency_p99_ms"] - ol_bare["latency_p99_ms"]
+        ttft_added = first_token.gateway_ms - first_token.direct_ms
+        rss_start, rss_end, rss_max = rss
+        growth = (rss_end - rss_start) / rss_start
+        mib = 1024 * 1024
+        open_ok = ol_gw["non_2xx"] == 0 and ol_gw["errors"] == 0
+        return [
+            Row("bare_rps", "bare Envoy throughput", bare.rps, "req/s"),
+            Row("bare_p50_ms", "bare Envoy latency p50", bare.p50_ms, "ms"),
+            Row("bare_p90_ms", "bare Envoy latency p90", bare.p90_ms, "ms"),
+            Row("bare_p99_ms", "bare Envoy latency p99", bare.p99_ms, "ms"),
+            Row("bare_non_2xx", "bare Envoy non-2xx + socket errors", bare.non_2xx + bare.socket_errors, ""),
+            Row("gateway_rps", "gateway throughput", gw.rps, "req/s", f">= {MIN_GATEWAY_RPS:,.0f}",
+                gw.rps >= MIN_GATEWAY_RPS),
+            Row("gateway_non_2xx", "gateway non-2xx + socket errors", gw.non_2xx + gw.socket_errors, "", "0",
+                gw.non_2xx + gw.socket_errors == 0),
+            Row("gateway_p50_ms", "gateway latency p50", gw.p50_ms, "ms"),
+            Row("gateway_p90_ms", "gateway latency p90", gw.p90_ms, "ms"),
+            Row("gateway_p99_ms", "gateway latency p99", gw.p99_ms, "ms"),
+            Row("rps_ratio", "throughput gateway / bare", gw.rps / bare.rps if bare.rps else 0.0, ""),
+            Row("extauth_cpu_us", "ext_authz CPU per request", gw_cpu["extauth"], "us"),
+            Row("envoy_cpu_us", "gateway Envoy CPU per request", gw_cpu["envoy"], "us"),
+            Row("openloop_bare_p50_ms", f"open loop {ol_bare['offered_rps']:g}/s: bare p50",
+                ol_bare["latency_p50_ms"], "ms"),
+            Row("openloop_bare_p99_ms", "open loop: bare p99", ol_bare["latency_p99_ms"], "ms"),
+            Row("openloop_gateway_p50_ms", "open loop: gateway p50", ol_gw["latency_p50_ms"], "ms"),
+            Row("openloop_gateway_p99_ms", "open loop: gateway p99", ol_gw["latency_p99_ms"], "ms"),
+            Row("openloop_gateway_rps", "open loop: gateway achieved rate", ol_gw["achieved_rps"], "req/s"),
+            Row("openloop_gateway_failures", "open loop: gateway non-2xx + errors",
+                ol_gw["non_2xx"] + ol_gw["errors"], "", "0", open_ok),
+            Row("openloop_send_lag_p99_ms", "open loop: generator send lag p99",
+                max(ol_bare["send_lag_p99_ms"], ol_gw["send_lag_p99_ms"]), "ms"),
+            Row("added_p50_ms", "added latency p50", added_p50, "ms", f"<= {MAX_ADDED_P50_MS:g} ms",
+                added_p50 <= MAX_ADDED_P50_MS),
+            Row("added_p99_ms", "added latency p99", added_p99, "ms", f"<= {MAX_ADDED_P99_MS:g} ms",
+                added_p99 <= MAX_ADDED_P99_MS),
+            Row("ttft_direct_ms", "TTFT direct to upstream, median", first_token.direct_ms, "ms"),
+            Row("ttft_gateway_ms", "TTFT through gateway, median", first_token.gateway_ms, "ms"),
+            Row("ttft_added_ms", "TTFT added by the gateway", ttft_added, "ms", f"<= {MAX_TTFT_ADDED_MS:g} ms",
+                ttft_added <= MAX_TTFT_ADDED_MS),
+            Row("meter_lines_per_s", "meter throughput", meter_run.lines_per_s, "lines/s",
+                f">= {MIN_METER_LINES_PER_S:,.0f}", meter_run.lines_per_s >= MIN_METER_LINES_PER_S),
+            Row("meter_lag_bytes_at_stop", "meter lag when load stopped", lag.bytes_at_stop, "bytes"),
+            Row("meter_catchup_s", "meter zero lag after load stops", lag.seconds_to_zero, "s",
+                f"<= {MAX_METER_CATCHUP_S:g} s", lag.reached and lag.seconds_to_zero <= MAX_METER_CATCHUP_S),
+            Row("extauth_rss_start_mib", "ext_authz RSS, soak start", rss_start / mib, "MiB"),
+            Row("extauth_rss_end_mib", "ext_authz RSS, soak end", rss_end / mib, "MiB"),
+            Row("extauth_rss_max_mib", "ext_authz RSS, soak max", rss_max / mib, "MiB"),
+            Row("extauth_rss_growth_pct", "ext_authz RSS growth over soak", growth * 100, "%",
+                f"within {MAX_RSS_GROWTH * 100:g}%", abs(growth) <= MAX_RSS_GROWTH),
+        ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds per measurement")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    args = parser.parse_args(argv)
+    out = Path(os.environ.get("GATEWAY_STATE_DIR", ".gateway")).resolve() / "bench.json"
+    try:
+        cfg = Config.from_env(args.quick)
+    except HarnessError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+
+    def _interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    # Explicitly, because a shell starts background jobs with SIGINT ignored, and Python then keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-")).resolve()
+    os.chmod(tmp, 0o755)  # embedded PostgreSQL runs as its own user when the harness runs as root
+    say(f"working in {tmp}")
+    procs = Processes(tmp / "logs")
+    services = Services(procs, tmp)
+    started = time.monotonic()
+    code = 0
+    try:
+        bench = Bench(cfg, tmp, procs, services)
+        rows = bench.run()
+        config = {**asdict(cfg), "elapsed_s": round(time.monotonic() - started, 1), "cpus": os.cpu_count(),
+                  "extauth_replicas": len(bench.details["pids"]["extauth"])}
+        write_json(out, rows, config, bench.details)
+        title = (f"Gateway benchmark{' (quick)' if cfg.quick else ''}: wrk {cfg.connections} connections x "
+                 f"{cfg.threads} threads x {cfg.duration_s:g} s; open loop {cfg.rate:g} req/s; "
+                 f"soak {cfg.soak_s:g} s at {cfg.soak_rate:g} req/s; {os.cpu_count()} CPUs")
+        print(table(rows, title), flush=True)
+        print(f"written to {out}", flush=True)
+    except KeyboardInterrupt:
+        say("interrupted; stopping everything")
+        code = 130
+    except Exception as exc:
+        traceback.print_exc()
+        say(f"the harness failed: {exc}")
+        for log in sorted((tmp / "logs").glob("*.log")):
+            print(f"--- {log.name} (tail) ---\n{tail(log.read_text(errors='replace'), 15)}", file=sys.stderr)
+        code = 1
+    finally:
+        # A second Ctrl-C must not cut the clean-up short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        services.close()
+        if args.keep:
+            say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"done in {time.monotonic() - started:.0f} s")
+    return code
