@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from control.embedded import start_postgres, start_redis
 from control.env import HostPort
 from control.errors import ControlError
 from control.migrate import apply_migrations
-from control.net import free_port, wait_for_http, wait_for_port
+from control.net import free_port, wait_for, wait_for_http, wait_for_port
 from control.settings import ControlSettings, read_runtime, write_runtime
 
 ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can lag behind
@@ -51,6 +52,17 @@ def extauth_addresses(first: HostPort, replicas: int) -> list[HostPort]:
     """Replicas listen on consecutive ports from EXTAUTH_LISTEN (and EXTAUTH_METRICS_LISTEN), each its
     own endpoint in Envoy's `extauth` cluster, so Envoy balances requests, not just connections."""
     return [HostPort(first.host, first.port + i) for i in range(replicas)]
+
+
+def extauth_hosts_healthy(admin_url: str, expected: int) -> bool:
+    """Whether Envoy's health checks see `expected` healthy ext_authz replicas."""
+    try:
+        with urllib.request.urlopen(f"{admin_url}/clusters", timeout=1) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:
+        return False
+    flags = [line.rsplit("::", 1)[1] for line in lines if line.startswith("extauth::") and "::health_flags::" in line]
+    return len(flags) == expected and all(flag == "healthy" for flag in flags)
 
 
 def envoy_binary() -> str:
@@ -196,6 +208,8 @@ class Stack:
         self._envoy(env, effective)
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
+        if not wait_for(lambda: extauth_hosts_healthy(f"http://{s.admin}", len(replicas)), 30):
+            raise self._fail("ext_authz health checking", "envoy")
 
         self.runtime = {
             "pid": os.getpid(),

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from control.net import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,8 @@ def call(
 
 
 def wait_until(predicate: Any, timeout_s: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    if not wait_for(predicate, timeout_s, interval_s=0.02):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from control.settings import read_runtime
+from control.stack import extauth_hosts_healthy
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
 from tests.support import ROOT, call, wait_until
 
@@ -79,13 +80,6 @@ def ops_tenant(ops_gateway: Gateway, simulator: Simulator) -> Tenant:
     return t
 
 
-def all_extauth_healthy(gateway: Gateway) -> bool:
-    clusters = call("GET", f"{gateway.admin}/clusters").body.decode().splitlines()
-    flags = [line.rsplit("::", 1)[1] for line in clusters
-             if line.startswith("extauth::") and "::health_flags::" in line]
-    return bool(flags) and all(flag == "healthy" for flag in flags)
-
-
 def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_tenant: Tenant) -> None:
     with SteadyLoad(ops_gateway, ops_tenant) as load:
         time.sleep(0.5)
@@ -95,7 +89,7 @@ def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_t
             pids = lambda name=name: read_runtime(ops_gateway.state_dir)["pids"][name]  # noqa: E731
             wait_until(lambda old=old, pids=pids: pids() != old, 20, f"{name} restarted")
             # As an operator would: the next one goes only once Envoy sees every replica healthy again.
-            wait_until(lambda: all_extauth_healthy(ops_gateway), 20, "every replica healthy")
+            wait_until(lambda: extauth_hosts_healthy(ops_gateway.admin, 2), 20, "every replica healthy")
         time.sleep(0.5)
     assert load.total() > 100
     assert set(load.statuses) == {200}, load.statuses
