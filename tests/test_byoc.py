@@ -211,3 +211,38 @@ def test_ciphertext_moved_to_another_workspace_does_not_decrypt(gateway: Gateway
                  {"model": b.chat_model, "messages": [{"role": "user", "content": "x"}]}, key=b.api_key)
     assert reply.status >= 400
     assert openai_paths(simulator) == []
+
+
+@pytest.fixture(scope="module")
+def short_cold_start(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
+    gateway: Gateway,
+) -> Iterator[Gateway]:
+    import shutil
+
+    from tests.support import ROOT
+
+    # An operator's copy of envoy/ with the cold-start allowance (the runpod route's timeout) cut to 1 s.
+    root = tmp_path_factory.mktemp("cold-start")
+    shutil.copytree(ROOT / "envoy", root / "envoy")
+    config = root / "envoy" / "envoy.yaml"
+    text = config.read_text()
+    assert text.count("timeout: 600s") == 2
+    config.write_text(text.replace("timeout: 600s", "timeout: 1s", 1))
+    (root / "gw").mkdir()
+    yield from start_gateway(root / "gw", database_url, redis_url, simulator.url,
+                             {"GATEWAY_ENVOY_CONFIG": str(config),
+                              "GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key")})
+
+
+def test_cold_start_past_the_allowance_points_to_the_runpod_console(
+    short_cold_start: Gateway, simulator: Simulator, gateway: Gateway
+) -> None:
+    t = make_tenant(gateway, simulator)
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{t.deployments[t.chat_model]}", {"cold_start_ms": 3000})
+    reply = call("POST", f"{short_cold_start.base_url}/chat/completions",
+                 {"model": t.chat_model, "messages": [{"role": "user", "content": "x"}]}, key=t.api_key)
+    assert reply.status == 504, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert "Check the endpoint in your RunPod console" in error["message"]

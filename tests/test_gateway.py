@@ -125,7 +125,10 @@ def test_upstream_sees_only_the_runpod_key_and_no_forged_header(
         "cookie": "session=1",
     }
     sdk = client(gateway, tenant.api_key, default_headers=forged)
-    sdk.chat.completions.create(model=tenant.chat_model, messages=[{"role": "user", "content": "hi"}])
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=tenant.chat_model, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert tenant.runpod_key not in raw.text + json.dumps(dict(raw.headers))
     [seen] = [r for r in simulator.requests() if "/openai/" in r["path"]]
     assert seen["path"] == f"/v2/{tenant.deployments[tenant.chat_model]}/openai/v1/chat/completions"
     assert seen["headers"]["authorization"] == f"Bearer {tenant.runpod_key}"
