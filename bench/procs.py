@@ -151,27 +151,6 @@ def rss_bytes(pid: int) -> int:
     raise HarnessError(f"no VmRSS for pid {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports that are free now."""
-    for _ in range(100):
-        first = free_port()
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise HarnessError("no run of free ports")
-
-
 def wait_for_port(port: int, timeout_s: float, child: Child | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -25,9 +25,10 @@ from typing import Any
 
 from bench import envoys, meterbench, ttft, wrk
 from bench.openloop import Spec
-from bench.procs import HarnessError, Processes, cpu_seconds, free_port, rss_bytes, tail, wait_for_port
+from bench.procs import HarnessError, Processes, cpu_seconds, rss_bytes, tail, wait_for_port
 from bench.report import Row, table, write_json
 from bench.services import CHAT_MODEL, STREAM_MODEL, Gateway, Services, Tenant, base_env
+from control.net import free_port
 
 CHAT_BODY = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hello there"}]})
 STREAM_BODY = json.dumps({"model": STREAM_MODEL, "messages": [{"role": "user", "content": "one two three"}],

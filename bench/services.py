@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg
 
-from bench.procs import Child, HarnessError, Processes, cmdline, descendants, free_port, free_ports, tail, wait_for_port
+from bench.procs import Child, HarnessError, Processes, cmdline, descendants, tail, wait_for_port
+from control.net import free_port, free_ports
 
 # Far above anything a run sends, so the limiter is exercised on every request but never denies.
 UNLIMITED_RPM = 10_000_000
@@ -182,15 +183,9 @@ class Services:
         inference address is the simulator's: deploys probe endpoint health there, and the fast upstream
         the gateway's Envoy uses has no such route."""
         from control.context import open_context
-        from control.settings import ControlSettings
+        from control.settings import settings_for
 
-        saved = dict(os.environ)
-        os.environ.update({**gateway.env, "RUNPOD_INFERENCE_URL": self.simulator_url})
-        try:
-            settings = ControlSettings.from_env()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        settings = settings_for({**gateway.env, "RUNPOD_INFERENCE_URL": self.simulator_url})
         with open_context(settings) as ctx:
             yield ctx
 

@@ -16,6 +16,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive ports that are free now (for replicas on consecutive ports)."""
+    for _ in range(100):
+        first = free_port(host)
+        try:
+            for port in range(first, first + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise OSError("no run of free ports")
+
+
 def wait_for(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while not check():

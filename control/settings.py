@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,19 @@ class ControlSettings:
             access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))),
             runtime=runtime,
         )
+
+
+def settings_for(environ: Mapping[str, str]) -> ControlSettings:
+    """The settings a process started with exactly `environ` would read: for tools and tests that drive
+    a stack from outside it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        return ControlSettings.from_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def read_runtime(state_dir: Path) -> dict[str, Any]:

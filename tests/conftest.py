@@ -20,24 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from control.net import free_port, wait_for_http, wait_for_port
+from control.net import free_port, free_ports, wait_for_http, wait_for_port
 from tests.support import ROOT, call, running, wait_until
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports that are free now."""
-    import socket
-
-    for _ in range(100):
-        first = free_port()
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError("no run of free ports")
 
 
 @pytest.fixture(scope="session")
@@ -141,16 +125,9 @@ class Gateway:
     def context(self) -> Iterator[Any]:
         """The control plane in-process (fast set-up), with exactly the settings the CLI would use."""
         from control.context import open_context
-        from control.settings import ControlSettings
+        from control.settings import settings_for
 
-        saved = dict(os.environ)
-        os.environ.update(self.env)
-        try:
-            settings = ControlSettings.from_env()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        with open_context(settings) as ctx:
+        with open_context(settings_for(self.env)) as ctx:
             yield ctx
 
     def access_log(self) -> list[dict[str, Any]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -79,5 +79,7 @@ def running(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
                 proc.wait()
 
 
-def python() -> str:
-    return sys.executable
+def envoy_copy(root: Path) -> Path:
+    """An operator's editable copy of envoy/ (config and Lua side by side, as shipped); its envoy.yaml."""
+    shutil.copytree(ROOT / "envoy", root / "envoy")
+    return root / "envoy" / "envoy.yaml"

@@ -14,7 +14,7 @@ import pytest
 
 from control import credentials
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call
+from tests.support import call, envoy_copy
 
 
 def chat(gateway: Gateway, key: str, model: str) -> openai.types.chat.ChatCompletion:
@@ -218,14 +218,9 @@ def short_cold_start(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
     gateway: Gateway,
 ) -> Iterator[Gateway]:
-    import shutil
-
-    from tests.support import ROOT
-
     # An operator's copy of envoy/ with the cold-start allowance (the runpod route's timeout) cut to 1 s.
     root = tmp_path_factory.mktemp("cold-start")
-    shutil.copytree(ROOT / "envoy", root / "envoy")
-    config = root / "envoy" / "envoy.yaml"
+    config = envoy_copy(root)
     text = config.read_text()
     assert text.count("timeout: 600s") == 2
     config.write_text(text.replace("timeout: 600s", "timeout: 1s", 1))

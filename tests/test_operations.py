@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 from control.settings import read_runtime
 from control.stack import extauth_hosts_healthy
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import ROOT, call, wait_until
+from tests.support import call, envoy_copy, wait_until
 
 
 class SteadyLoad:
@@ -55,20 +54,17 @@ class SteadyLoad:
 
 
 @pytest.fixture(scope="module")
-def envoy_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # An operator's editable copy of envoy/ (config and Lua side by side, as shipped).
-    root = tmp_path_factory.mktemp("operator")
-    shutil.copytree(ROOT / "envoy", root / "envoy")
-    return root / "envoy" / "envoy.yaml"
+def operator_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return envoy_copy(tmp_path_factory.mktemp("operator"))
 
 
 @pytest.fixture(scope="module")
 def ops_gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
-    envoy_copy: Path,
+    operator_config: Path,
 ) -> Iterator[Gateway]:
     yield from start_gateway(tmp_path_factory.mktemp("gw-ops"), database_url, redis_url, simulator.url,
-                             {"EXTAUTH_REPLICAS": "2", "GATEWAY_ENVOY_CONFIG": str(envoy_copy)})
+                             {"EXTAUTH_REPLICAS": "2", "GATEWAY_ENVOY_CONFIG": str(operator_config)})
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +92,9 @@ def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_t
 
 
 def test_edited_envoy_config_reloads_with_zero_failed_requests(
-    ops_gateway: Gateway, ops_tenant: Tenant, envoy_copy: Path
+    ops_gateway: Gateway, ops_tenant: Tenant, operator_config: Path
 ) -> None:
-    text = envoy_copy.read_text()
+    text = operator_config.read_text()
     edited = text.replace(
         "            - name: openai\n              domains: [\"*\"]\n",
         "            - name: openai\n              domains: [\"*\"]\n"
@@ -109,10 +105,10 @@ def test_edited_envoy_config_reloads_with_zero_failed_requests(
     with SteadyLoad(ops_gateway, ops_tenant) as load:
         time.sleep(0.5)
         # A broken edit is refused and the running config keeps serving.
-        envoy_copy.write_text(edited.replace("cluster: runpod", "cluster: no-such-cluster", 1))
+        operator_config.write_text(edited.replace("cluster: runpod", "cluster: no-such-cluster", 1))
         refused = ops_gateway.ctl("reload", "--json")
         assert refused.returncode != 0 and "reload_refused" in refused.stderr
-        envoy_copy.write_text(edited)
+        operator_config.write_text(edited)
         assert ops_gateway.ctl_json("reload")["ok"] is True
         wait_until(lambda: load.headers[-1:] == ["2"], 15, "the edited config to serve")
         time.sleep(1)

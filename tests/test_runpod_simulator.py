@@ -12,47 +12,16 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the project is not installed into the venv; tests run from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from control import runpod_simulator  # noqa: E402
+from control import runpod_simulator
+from tests.support import ROOT, Reply, call
 
 FILE_ACCOUNT = {"id": "user_file", "email": "file@example.com", "keys": ["rpa_file"], "read_only_keys": []}
-
-
-class Reply:
-    def __init__(self, status: int, headers: Any, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def content_type(self) -> str:
-        return str(self.headers.get("Content-Type", "")).split(";")[0]
-
-
-def call(method: str, url: str, body: Any = None, key: str | None = None, raw: bytes | None = None) -> Reply:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return Reply(resp.status, resp.headers, resp.read())
-    except urllib.error.HTTPError as err:
-        with err:
-            return Reply(err.code, err.headers, err.read())
 
 
 @pytest.fixture(scope="module")
