@@ -13,6 +13,7 @@ from control import hotsync, workspaces
 from control.context import Context
 from control.crypto import Sealed, save_keyring
 from control.errors import ControlError
+from control.runpod_client import RunPodError
 
 
 def link(ctx: Context, ws_ref: str, runpod_key: str) -> dict[str, Any]:
@@ -70,6 +71,22 @@ def runpod_key(ctx: Context, workspace_id: str) -> tuple[str, str]:
         )
     account_id, version, nonce, ciphertext = row
     return account_id, ctx.keyring.open(Sealed(version, bytes(nonce), bytes(ciphertext)), workspace_id)
+
+
+def confirm_rejected(ctx: Context, workspace_id: str) -> bool:
+    """RunPod refused the workspace's key at inference: ask RunPod's account API whether the key is
+    really dead, and only then mark it. A 403 at inference can be a WAF block or a scoped key, and the
+    route reporting it is unauthenticated, so a report alone never takes a working key out of service."""
+    try:
+        _account, key = runpod_key(ctx, workspace_id)
+    except ControlError:
+        return False
+    try:
+        ctx.runpod(key).account_id()
+    except RunPodError as exc:
+        if exc.code == "runpod_key_invalid":
+            return mark_rejected(ctx, workspace_id)
+    return False
 
 
 def mark_rejected(ctx: Context, workspace_id: str) -> bool:

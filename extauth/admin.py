@@ -1,7 +1,7 @@
 """Each ext_authz replica's admin HTTP port (EXTAUTH_METRICS_LISTEN): `/metrics` for Prometheus,
 `/ready` for orchestration, and `POST /internal/credential-rejected`, which envoy/gateway.lua calls when
-RunPod refuses a workspace's key. The port is for the internal network only; Envoy never routes client
-traffic to it."""
+RunPod refuses a workspace's key (the key is marked only once RunPod's account API confirms it is dead).
+The port is for the internal network only; Envoy never routes client traffic to it."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ log = logging.getLogger("extauth")
 _WORKSPACE_RE = re.compile(r"ws_[a-z0-9]{1,64}")
 
 
-def _mark_rejected(workspace_id: str) -> bool:
+def _confirm_rejected(workspace_id: str) -> bool:
     with open_context(ControlSettings.from_env()) as ctx:
-        return credentials.mark_rejected(ctx, workspace_id)
+        return credentials.confirm_rejected(ctx, workspace_id)
 
 
 def build_app(is_ready: Callable[[], bool]) -> web.Application:
@@ -38,9 +38,11 @@ def build_app(is_ready: Callable[[], bool]) -> web.Application:
         workspace_id = (await request.text()).strip()
         if _WORKSPACE_RE.fullmatch(workspace_id) is None:
             return web.Response(status=400, text="workspace id expected")
-        marked = await asyncio.to_thread(_mark_rejected, workspace_id)
+        marked = await asyncio.to_thread(_confirm_rejected, workspace_id)
         if marked:
             log.warning("RunPod refused the key of workspace %s; marked until it is re-linked", workspace_id)
+        else:
+            log.warning("RunPod refused a request of workspace %s, but its key still works", workspace_id)
         return web.Response(status=204)
 
     app = web.Application()

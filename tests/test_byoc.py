@@ -241,3 +241,21 @@ def test_cold_start_past_the_allowance_points_to_the_runpod_console(
     error = reply.json()["error"]
     assert error["code"] == "upstream_unavailable"
     assert "Check the endpoint in your RunPod console" in error["message"]
+
+
+def test_a_refusal_is_confirmed_before_a_working_key_is_taken_out(gateway: Gateway, simulator: Simulator) -> None:
+    t = make_tenant(gateway, simulator)
+    endpoint = t.deployments[t.chat_model]
+    # The inference front refuses (as a WAF or a scoped key might) while the key itself is fine.
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{endpoint}", {"fail": "unauthorized"})
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        chat(gateway, t.api_key, t.chat_model)
+    assert info.value.code == "byoc_runpod_key_rejected"
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{endpoint}", {"fail": "none"})
+    assert chat(gateway, t.api_key, t.chat_model).choices, "the key was not marked"
+    # Nor can anyone on the internal network take it out by calling the route directly.
+    from control.settings import read_runtime
+
+    admin = read_runtime(gateway.state_dir)["extauth_metrics_urls"][0].removesuffix("/metrics")
+    assert call("POST", f"{admin}/internal/credential-rejected", raw=t.workspace_id.encode()).status == 204
+    assert chat(gateway, t.api_key, t.chat_model).choices
