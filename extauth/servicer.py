@@ -133,7 +133,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             log.exception("state load failed")
             self._metrics.database_error()
             return _deny(errors.gateway_unavailable(), [], meta)
-        if key is None or workspace is None:
+        # A revocation this process has already read stands even if Redis is away (fail-open).
+        if key is None or workspace is None or key.revoked:
             return _deny(errors.invalid_api_key(), [], meta)
         meta.update(workspace_id=key.workspace_id, key_id=key.key_id)
 

