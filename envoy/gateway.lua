@@ -1,5 +1,9 @@
--- Response handling for requests ext_authz forwarded to a customer's endpoint (decision "allow").
+-- Runs after ext_authz.
 --
+-- On the way in: an allowed request carries the upstream path ext_authz chose in x-gateway-path;
+-- it becomes :path (an ext_authz answer over HTTP cannot set pseudo-headers) and routing starts again.
+--
+-- On the way back, for requests ext_authz forwarded to a customer's endpoint (decision "allow"):
 -- 1. Streamed (SSE) responses: read token usage as the chunks pass, without buffering or delaying
 --    them, into dynamic metadata `gateway.usage` for the access log (JSON responses are read by the
 --    json_to_metadata filter instead).
@@ -13,6 +17,7 @@
 -- JSON document, where a model's output (always inside an escaped string) cannot imitate them.
 
 local USAGE = "gateway.usage"
+local PATH = "x-gateway-path"
 local AUTHZ = "envoy.filters.http.ext_authz"
 -- Bytes kept from the previous chunk, so a usage object split across two chunks is still found.
 local CARRY = 512
@@ -72,9 +77,18 @@ local function worker_error(body)
   return nil
 end
 
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local path = headers:get(PATH)
+  if path == nil then return end
+  headers:remove(PATH)
+  headers:replace(":path", path)
+  handle:clearRouteCache()
+end
+
 function envoy_on_response(handle)
   local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ)
-  if authz == nil or authz["decision"] ~= "allow" then return end
+  if authz == nil or authz["x-gw-decision"] ~= "allow" then return end
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
   local content_type = headers:get("content-type") or ""
@@ -96,7 +110,7 @@ function envoy_on_response(handle)
     handle:httpCall("extauth_admin", {
       [":method"] = "POST", [":path"] = "/internal/credential-rejected", [":authority"] = "extauth",
       ["content-type"] = "text/plain",
-    }, authz["workspace_id"] or "", 1000)
+    }, authz["x-gw-workspace-id"] or "", 1000)
   elseif status == 429 then
     replace(handle, 429, error_body("RunPod is rate-limiting this endpoint. Retry after the time in Retry-After.",
       "requests", "upstream_rate_limited"))

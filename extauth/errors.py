@@ -20,9 +20,7 @@ class Denial:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def body(self) -> str:
-        return json.dumps(
-            {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-        )
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}})
 
 
 def _shown(value: str) -> str:
@@ -83,8 +81,7 @@ def rate_limited(limit: int) -> Denial:
     return Denial(
         429,
         "rate_limit_exceeded",
-        f"Rate limit reached for this API key: {limit} requests per minute. "
-        "Retry after the time in Retry-After.",
+        f"Rate limit reached for this API key: {limit} requests per minute. Retry after the time in Retry-After.",
         type="requests",
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,7 @@ def upstream_path(endpoint_id: str, route: Route) -> str | None:
     if _ENDPOINT_ID_RE.fullmatch(endpoint_id) is None:
         return None
     return f"/v2/{endpoint_id}/openai/v1/{route.name}"
+
+
+def path_segment(value: str) -> str:
+    return quote(value, safe="")

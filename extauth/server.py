@@ -1,5 +1,6 @@
-"""Entry point: `python -m extauth.server` serves Envoy's ext_authz and gRPC health on EXTAUTH_LISTEN,
-and metrics, readiness and the internal credential route on EXTAUTH_METRICS_LISTEN."""
+"""Entry point: `python -m extauth.server` serves Envoy's ext_authz over HTTP on EXTAUTH_LISTEN (and
+over gRPC on EXTAUTH_GRPC_LISTEN when set), and metrics, readiness and the internal credential route
+on EXTAUTH_METRICS_LISTEN."""
 
 from __future__ import annotations
 
@@ -7,19 +8,16 @@ import asyncio
 import logging
 import signal
 
-import grpc
 import uvloop
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.metrics import Meter, NoOpMeterProvider
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from control.crypto import Keyring, load_keyring
 from control.telemetry import prometheus_provider
-from extauth import admin
+from extauth import admin, hotstate, http_check
+from extauth.checker import Checker
 from extauth.metrics import ExtauthMetrics
-from extauth.servicer import AuthorizationServicer
+from extauth.redis_client import ScriptClient
 from extauth.settings import ExtauthSettings
 from extauth.state import StateStore
 
@@ -38,24 +36,24 @@ async def serve(settings: ExtauthSettings) -> None:
 
     pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False)
     await pool.open(wait=True, timeout=30)
-    timeout = settings.redis_timeout_ms / 1000
-    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    hot = ScriptClient(settings.redis_url, hotstate.DECIDE_SCRIPT, settings.redis_timeout_ms / 1000)
     store = StateStore(pool, keyring(), settings.cache_size, keyring)
     metrics = ExtauthMetrics(_meter(settings.metrics_listen is not None), store)
+    checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key)
+    service = http_check.CheckService(checker, store)
     # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    authz_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(store, redis, settings.redis_failure_mode, metrics, settings.managed_api_key), server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(str(settings.listen))
-    await server.start()
-    serving = True
+    server = await http_check.serve(service, settings.listen.host, settings.listen.port)
+    grpc_transport = None
+    if settings.grpc_listen is not None:
+        from extauth.grpc_check import GrpcTransport  # grpcio only loads for operators who use it
+
+        grpc_transport = GrpcTransport(checker, str(settings.grpc_listen))
+        await grpc_transport.start()
     admin_runner = None
     if settings.metrics_listen is not None:
-        admin_runner = await admin.serve(settings.metrics_listen.host, settings.metrics_listen.port, lambda: serving)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        admin_runner = await admin.serve(
+            settings.metrics_listen.host, settings.metrics_listen.port, lambda: service.serving
+        )
     log.info("ext_authz listening on %s", settings.listen)
     print(f"extauth listening on {settings.listen}", flush=True)
 
@@ -64,15 +62,18 @@ async def serve(settings: ExtauthSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    # Report NOT_SERVING first and keep answering while Envoy's health check notices (it checks
-    # every 0.25 s and ejects after two failures), then stop taking calls and let those in flight finish.
-    serving = False
-    await health_servicer.enter_graceful_shutdown()
+    # Fail the health check first and keep answering while Envoy notices (it checks every 0.25 s and
+    # ejects after two failures), then stop taking checks and let those in flight finish.
+    service.serving = False
+    if grpc_transport is not None:
+        await grpc_transport.drain()
     await asyncio.sleep(settings.drain_s)
-    await server.stop(grace=5)
+    await http_check.drain(service, server, grace_s=5)
+    if grpc_transport is not None:
+        await grpc_transport.stop()
     if admin_runner is not None:
         await admin_runner.cleanup()
-    await redis.aclose()
+    await hot.close()
     await pool.close()
 
 

@@ -172,9 +172,7 @@ class StateStore:
         self.workspaces.put(workspace_id, entry)
         return entry
 
-    def _credential(
-        self, workspace_id: str, row: tuple[str, int, bytes, bytes, bool] | None
-    ) -> CredentialEntry | None:
+    def _credential(self, workspace_id: str, row: tuple[str, int, bytes, bytes, bool] | None) -> CredentialEntry | None:
         if row is None:
             return None
         account_id, version, nonce, ciphertext, rejected = row

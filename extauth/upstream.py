@@ -10,27 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
+
 # Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
 # absent: compressed responses would hide usage from the access log.
 FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent", "x-request-id"})
-# Envoy's own: it sets x-forwarded-proto itself (use_remote_address) and route matching reads it;
-# authorization and the destination are overwritten, never removed.
-_KEPT = FORWARDED | {"x-forwarded-proto", "authorization"}
-# Read by the route table (envoy/envoy.yaml) to pick the cluster; only ext_authz may set it.
-DESTINATION_HEADER = "x-gateway-destination"
+# Envoy's own: it sets x-forwarded-proto itself (use_remote_address) and route matching reads it; host
+# is the request's authority (rewritten per cluster). The injected headers are overwritten, never
+# removed: a removal would apply after the overwrite.
+_KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER}
 
 
 def headers_to_remove(client_headers: Iterable[str]) -> list[str]:
-    return [
-        name
-        for name in client_headers
-        if not name.startswith(":") and name not in _KEPT and name != DESTINATION_HEADER
-    ]
+    return [name for name in client_headers if not name.startswith(":") and name not in _KEPT]
 
 
 def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple[str, str]]:
     return [
-        (":path", path),
+        (PATH_HEADER, path),
         ("authorization", f"Bearer {runpod_key}"),
         (DESTINATION_HEADER, destination),
     ]
+
+
+def local_headers(path: str) -> list[tuple[str, str]]:
+    """A request the gateway answers itself goes to ext_authz's own model listing, without the client's key."""
+    return [(PATH_HEADER, path), (DESTINATION_HEADER, LOCAL_DESTINATION)]

@@ -1,64 +1,37 @@
-"""The Authorization servicer: one decision per request, in the order a client's mistakes are best
-reported: route, credential, rate limit, model, then the upstream credential."""
+"""The decision for one request, in the order a client's mistakes are best reported: route, credential,
+rate limit, model, then the upstream credential. Transport-free: extauth/http_check.py (the shipped
+transport) and extauth/grpc_check.py render the same Decision."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from typing import Any
-
-import grpc
-from envoy.config.core.v3 import base_pb2 as core
-from envoy.service.auth.v3 import external_auth_pb2 as authz
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+from urllib.parse import unquote
 
 from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS
 from extauth import errors, hotstate, ratelimit, routes, upstream
+from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision, header_safe
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
+from extauth.redis_client import RedisUnavailable
 from extauth.state import DeploymentEntry, KeyEntry, StateStore, WorkspaceEntry
 
 log = logging.getLogger("extauth")
 
-_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-BODY_METADATA_NAMESPACE = "envoy.filters.http.json_to_metadata"
+
+class HotState(Protocol):
+    """The one Redis call a check makes (extauth/redis_client.py)."""
+
+    async def decide(self, keys: list[str], args: list[Any]) -> list[int]: ...
 
 
-def _header(name: str, value: str) -> core.HeaderValueOption:
-    return core.HeaderValueOption(header=core.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
-
-
-def _metadata(fields: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update({k: v for k, v in fields.items() if v is not None})
-    return out
-
-
-def _respond(
-    status: int, body: str, headers: list[tuple[str, str]], meta: dict[str, Any]
-) -> authz.CheckResponse:
-    return authz.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
-        denied_response=authz.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=[_header("content-type", "application/json"), *(_header(k, v) for k, v in headers)],
-            body=body,
-        ),
-        dynamic_metadata=_metadata(meta),
-    )
-
-
-def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, Any]) -> authz.CheckResponse:
-    meta["error_code"] = denial.code
-    return _respond(denial.status, denial.body(), [*headers, *denial.headers], meta)
+def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, str]) -> Decision:
+    meta["error-code"] = denial.code
+    return Decision(DENY, denial.status, denial.body(), [*headers, *denial.headers], meta=meta)
 
 
 def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry) -> Denial | None:
@@ -79,46 +52,60 @@ def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry) -> Denial | Non
     return None
 
 
-class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
+def models_body(workspace: WorkspaceEntry, model: str | None) -> str | None:
+    """The `/v1/models` (model None) or `/v1/models/{model}` answer; None if there is no such model."""
+    if model is None:
+        return workspace.models_body
+    dep = workspace.deployments.get(model)
+    if dep is None:
+        return None
+    return json.dumps({"id": dep.public_name, "object": "model", "created": dep.created, "owned_by": dep.destination})
+
+
+class Checker:
     def __init__(
         self,
         store: StateStore,
-        redis: Redis,
+        hot: HotState,
         redis_failure_mode: str,
         metrics: ExtauthMetrics,
         managed_key: str | None = None,
     ) -> None:
         self._store = store
+        self._hot = hot
         self._managed_key = managed_key
-        self._redis = redis
-        self._decide = redis.register_script(hotstate.DECIDE_SCRIPT)
         self._fail_open = redis_failure_mode == "open"
         self._metrics = metrics
 
-    async def Check(self, request: authz.CheckRequest, context: grpc.aio.ServicerContext) -> authz.CheckResponse:
+    async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+        """`path` as the client sent it (query included); `headers` every header the client sent, plus
+        the body's `model` as envoy/authz_request.lua hands it over."""
         started = time.perf_counter()
-        meta: dict[str, Any] = {}
-        response = await self._check(request, meta)
-        code = meta.get("error_code")
-        self._metrics.decided(
-            "deny" if code else meta.get("decision", "allow"), code or "ok", time.perf_counter() - started
-        )
-        return response
+        model = headers.get(MODEL_HEADER)
+        try:
+            decision = await self._check(
+                method, path, headers.get("authorization"), None if model is None else unquote(model), headers.keys()
+            )
+        except Exception:  # never forward unchecked, never answer with a trace
+            log.exception("check failed")
+            decision = _deny(errors.gateway_unavailable(), [], {})
+        self._metrics.decided(decision.kind, decision.error_code or "ok", time.perf_counter() - started)
+        return decision
 
-    async def _check(self, request: authz.CheckRequest, meta: dict[str, Any]) -> authz.CheckResponse:
-        http = request.attributes.request.http
-        path = routes.split_path(http.path)
-        meta["route"] = path
+    async def _check(
+        self, method: str, raw_path: str, authorization: str | None, model: str | None, header_names: Iterable[str]
+    ) -> Decision:
+        path = routes.split_path(raw_path)
+        meta = {"route": path}
         route = routes.ROUTES.get(path)
         retrieve_model = None
-        if route is None and path.startswith(routes.MODEL_PREFIX) and http.method == "GET":
+        if route is None and path.startswith(routes.MODEL_PREFIX) and method == "GET":
             route, retrieve_model = routes.ROUTES["/v1/models"], path[len(routes.MODEL_PREFIX) :]
         if route is None:
-            return _deny(errors.unknown_url(http.method, path), [], meta)
-        if http.method != route.method:
-            return _deny(errors.method_not_allowed(http.method, path), [], meta)
+            return _deny(errors.unknown_url(method, path), [], meta)
+        if method != route.method:
+            return _deny(errors.method_not_allowed(method, path), [], meta)
 
-        authorization = http.headers.get("authorization")
         if not authorization:
             return _deny(errors.missing_api_key(), [], meta)
         token = apikeys.bearer_token(authorization)
@@ -136,14 +123,15 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         # A revocation this process has already read stands even if Redis is away (fail-open).
         if key is None or workspace is None or key.revoked:
             return _deny(errors.invalid_api_key(), [], meta)
-        meta.update(workspace_id=key.workspace_id, key_id=key.key_id)
+        meta["workspace-id"] = key.workspace_id
+        meta["key-id"] = key.key_id
 
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except RedisUnavailable as exc:
             mode = "open" if self._fail_open else "closed"
-            log.warning("rate limiter unavailable (%s); failing %s", type(exc).__name__, mode)
-            self._metrics.redis_error(isinstance(exc, (TimeoutError, RedisTimeoutError)))
+            log.warning("rate limiter unavailable (%s); failing %s", exc, mode)
+            self._metrics.redis_error(exc.timeout)
             self._metrics.failure_mode(mode)
             if not self._fail_open:
                 return _deny(errors.gateway_unavailable(), [], meta)
@@ -163,7 +151,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)
         over_spend = verdict is not None and verdict.over_spend == 1
-        return self._allow(request, route, workspace, limit_headers, meta, over_spend)
+        return self._allow(route, workspace, model, header_names, limit_headers, meta, over_spend)
 
     async def _rate_limit(
         self, key_hash: bytes, key: KeyEntry, workspace: WorkspaceEntry
@@ -180,14 +168,14 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
             else:
                 args.append(0)
             verdict = hotstate.parse_verdict(
-                await self._decide(
-                    keys=[
+                await self._hot.decide(
+                    [
                         hotstate.key_redis_key(key.key_id),
                         hotstate.workspace_redis_key(workspace.workspace_id),
                         hotstate.bucket_redis_key(key.key_id),
                         hotstate.spend_redis_key(workspace.workspace_id),
                     ],
-                    args=args,
+                    args,
                 )
             )
             if verdict.status not in (hotstate.UNKNOWN, hotstate.STALE):
@@ -204,33 +192,28 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         workspace: WorkspaceEntry,
         model: str | None,
         limit_headers: list[tuple[str, str]],
-        meta: dict[str, Any],
-    ) -> authz.CheckResponse:
-        # Answered by the gateway itself: a 200 carried in a "denied" response never reaches an upstream.
-        meta["decision"] = "local"
-        if model is None:
-            return _respond(200, workspace.models_body, limit_headers, meta)
-        dep = workspace.deployments.get(model)
-        if dep is None:
-            return _deny(errors.model_not_found(model), limit_headers, meta)
-        body = {"id": dep.public_name, "object": "model", "created": dep.created, "owned_by": dep.destination}
-        return _respond(200, json.dumps(body), limit_headers, meta)
+        meta: dict[str, str],
+    ) -> Decision:
+        body = models_body(workspace, model)
+        if body is None:
+            return _deny(errors.model_not_found(model or ""), limit_headers, meta)
+        meta["decision"] = LOCAL
+        path = LOCAL_MODELS_PATH + workspace.workspace_id + ("" if model is None else "/" + routes.path_segment(model))
+        return Decision(LOCAL, 200, body, limit_headers, upstream.local_headers(path), ["authorization"], meta)
 
     def _allow(
         self,
-        request: authz.CheckRequest,
         route: routes.Route,
         workspace: WorkspaceEntry,
+        model: str | None,
+        header_names: Iterable[str],
         limit_headers: list[tuple[str, str]],
-        meta: dict[str, Any],
+        meta: dict[str, str],
         over_spend: bool,
-    ) -> authz.CheckResponse:
-        body_meta = request.attributes.metadata_context.filter_metadata.get(BODY_METADATA_NAMESPACE)
-        model_value = body_meta.fields.get("model") if body_meta is not None else None
-        model = model_value.string_value if model_value is not None else ""
+    ) -> Decision:
         if not model:
             return _deny(errors.missing_model(), limit_headers, meta)
-        meta["model"] = model
+        meta["model"] = header_safe(model)
         dep = workspace.deployments.get(model)
         if dep is None:
             return _deny(errors.model_not_found(model), limit_headers, meta)
@@ -248,16 +231,16 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         path = routes.upstream_path(dep.endpoint_id, route)
         if not upstream_key or path is None:
             return _deny(errors.gateway_unavailable(), limit_headers, meta)
-        meta.update(deployment_id=dep.deployment_id, destination=dep.destination, decision="allow")
-        http = request.attributes.request.http
-        return authz.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=authz.OkHttpResponse(
-                headers=[
-                    _header(k, v) for k, v in upstream.injected_headers(path, upstream_key, dep.destination)
-                ],
-                headers_to_remove=upstream.headers_to_remove(http.headers.keys()),
-                response_headers_to_add=[_header(k, v) for k, v in limit_headers],
-            ),
-            dynamic_metadata=_metadata(meta),
+        meta["model"] = dep.public_name
+        meta["deployment-id"] = dep.deployment_id
+        meta["destination"] = dep.destination
+        meta["decision"] = ALLOW
+        return Decision(
+            ALLOW,
+            200,
+            "",
+            limit_headers,
+            upstream.injected_headers(path, upstream_key, dep.destination),
+            upstream.headers_to_remove(header_names),
+            meta,
         )
