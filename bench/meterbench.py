@@ -31,19 +31,20 @@ def access_log_entry(i: int, start: datetime) -> dict[str, Any]:
     denials (nulls where ext_authz set no metadata) a real log holds too."""
     moment = (start + timedelta(microseconds=i * 137)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if i % 20 == 19:
+        authz = {"route": "/v1/chat/completions", "workspace_id": "ws_bench", "key_id": "key_bench",
+                 "error_code": "rate_limit_exceeded"}
         return {
-            "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "route": "/v1/chat/completions",
-            "status": 429, "flags": "UAEX", "decision": None, "error_code": "rate_limit_exceeded",
-            "workspace_id": "ws_bench", "key_id": "key_bench", "deployment_id": None, "destination": None,
-            "model": None, "response_model": None, "prompt_tokens": None, "completion_tokens": None,
+            "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "status": 429, "flags": "UAEX",
+            "authz": json.dumps(authz, separators=(",", ":")), "response_model": None, "prompt_tokens": None,
+            "completion_tokens": None,
             "upstream_host": None, "duration_ms": 0, "ttfb_ms": 0, "bytes_received": 112, "bytes_sent": 190,
         }
     prompt = random.randint(5, 4000)
+    authz = {"route": "/v1/chat/completions", "workspace_id": "ws_bench", "key_id": "key_bench", "model": "bench-chat",
+             "deployment_id": "dep_bench", "destination": "runpod", "decision": "allow"}
     return {
-        "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "route": "/v1/chat/completions",
-        "status": 200, "flags": "-", "decision": "allow", "error_code": None, "workspace_id": "ws_bench",
-        "key_id": "key_bench", "deployment_id": "dep_bench", "destination": "runpod", "model": "bench-chat",
-        "response_model": "bench-chat", "prompt_tokens": prompt, "completion_tokens": random.randint(1, 800),
+        "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "status": 200, "flags": "-",
+        "authz": json.dumps(authz, separators=(",", ":")), "response_model": "bench-chat", "prompt_tokens": prompt, "completion_tokens": random.randint(1, 800),
         "upstream_host": "127.0.0.1:8443", "duration_ms": random.randint(1, 900),
         "ttfb_ms": random.randint(1, 300), "bytes_received": 90 + prompt * 4, "bytes_sent": 420,
     }

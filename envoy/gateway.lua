@@ -4,9 +4,10 @@
 -- it becomes :path (an ext_authz answer over HTTP cannot set pseudo-headers) and routing starts again.
 --
 -- On the way back, for requests ext_authz forwarded to a customer's endpoint (decision "allow"):
--- 1. Streamed (SSE) responses: read token usage as the chunks pass, without buffering or delaying
---    them, into dynamic metadata `gateway.usage` for the access log (JSON responses are read by the
---    json_to_metadata filter instead).
+-- 1. Token usage and the model that answered, into dynamic metadata `gateway.usage` for the access log:
+--    from streamed (SSE) responses as the chunks pass, without buffering or delaying them; from JSON
+--    responses once whole (they are buffered anyway, to catch worker errors). A pattern scan costs a
+--    fraction of a full JSON parse, which matters for large embeddings responses.
 -- 2. RunPod's OpenAI route can answer HTTP 200 with a worker error body: the client gets a real error
 --    status in OpenAI's shape instead.
 -- 3. RunPod refusing the customer's key (401/403): the client is told to reconnect RunPod, and the
@@ -43,7 +44,8 @@ end
 
 local function record_usage(handle, text)
   local usage = nil
-  -- The usage object of an OpenAI stream is in the last event that carries one.
+  -- The usage object of an OpenAI stream is in the last event that carries one; a JSON response has
+  -- one, at the top level.
   for candidate in text:gmatch('"usage"%s*:%s*(%b{})') do usage = candidate end
   if usage == nil then return end
   local prompt = usage:match('"prompt_tokens"%s*:%s*(%d+)')
@@ -88,7 +90,10 @@ end
 
 function envoy_on_response(handle)
   local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ)
-  if authz == nil or authz["x-gw-decision"] ~= "allow" then return end
+  -- ext_authz's record is a JSON object; client-chosen strings in it are escaped, so they cannot
+  -- imitate these unescaped key/value pairs.
+  local record = authz and authz["x-gw-log"]
+  if record == nil or not record:find('"decision":"allow"', 1, true) then return end
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
   local content_type = headers:get("content-type") or ""
@@ -96,10 +101,14 @@ function envoy_on_response(handle)
   if status == 200 and content_type:find("text/event-stream", 1, true) then
     scan_stream(handle)
   elseif status == 200 then
-    local code, message = worker_error(handle:body():getBytes(0, handle:body():length()))
+    local body = handle:body()
+    local bytes = body:getBytes(0, body:length())
+    local code, message = worker_error(bytes)
     if code then
       replace(handle, code, error_body("The model worker returned an error: " .. message, "upstream_error",
         "worker_error"))
+    else
+      record_usage(handle, bytes)
     end
   elseif status == 401 or status == 403 then
     replace(handle, 403, error_body(
@@ -110,7 +119,7 @@ function envoy_on_response(handle)
     handle:httpCall("extauth_admin", {
       [":method"] = "POST", [":path"] = "/internal/credential-rejected", [":authority"] = "extauth",
       ["content-type"] = "text/plain",
-    }, authz["x-gw-workspace-id"] or "", 1000)
+    }, record:match('"workspace_id":"([%w_]+)"') or "", 1000)
   elseif status == 429 then
     replace(handle, 429, error_body("RunPod is rate-limiting this endpoint. Retry after the time in Retry-After.",
       "requests", "upstream_rate_limited"))

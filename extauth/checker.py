@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS
 from extauth import errors, hotstate, ratelimit, routes, upstream
-from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision, header_safe
+from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
@@ -30,7 +30,7 @@ class HotState(Protocol):
 
 
 def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, str]) -> Decision:
-    meta["error-code"] = denial.code
+    meta["error_code"] = denial.code
     return Decision(DENY, denial.status, denial.body(), [*headers, *denial.headers], meta=meta)
 
 
@@ -123,8 +123,8 @@ class Checker:
         # A revocation this process has already read stands even if Redis is away (fail-open).
         if key is None or workspace is None or key.revoked:
             return _deny(errors.invalid_api_key(), [], meta)
-        meta["workspace-id"] = key.workspace_id
-        meta["key-id"] = key.key_id
+        meta["workspace_id"] = key.workspace_id
+        meta["key_id"] = key.key_id
 
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace)
@@ -213,7 +213,7 @@ class Checker:
     ) -> Decision:
         if not model:
             return _deny(errors.missing_model(), limit_headers, meta)
-        meta["model"] = header_safe(model)
+        meta["model"] = model
         dep = workspace.deployments.get(model)
         if dep is None:
             return _deny(errors.model_not_found(model), limit_headers, meta)
@@ -232,7 +232,7 @@ class Checker:
         if not upstream_key or path is None:
             return _deny(errors.gateway_unavailable(), limit_headers, meta)
         meta["model"] = dep.public_name
-        meta["deployment-id"] = dep.deployment_id
+        meta["deployment_id"] = dep.deployment_id
         meta["destination"] = dep.destination
         meta["decision"] = ALLOW
         return Decision(

@@ -5,23 +5,22 @@ Every field maps one-to-one onto Envoy's ext_authz contract, so each transport o
 - `upstream_headers` replace same-named headers on a forwarded request (the injected credential, the
   destination that picks the cluster, the upstream path that envoy/gateway.lua applies to `:path`);
 - `remove_headers` are dropped from a forwarded request;
-- `meta` becomes dynamic metadata in namespace `envoy.filters.http.ext_authz` under `x-gw-<name>`,
-  which the access log and envoy/gateway.lua read (the HTTP transport can only name metadata after the
-  response headers that carry it, so both transports use those names).
+- `meta` (who asked, what was decided, which deployment) becomes one JSON object in dynamic metadata
+  `envoy.filters.http.ext_authz:x-gw-log`, which the access log writes as its `authz` field and
+  envoy/gateway.lua reads. One field rather than one per fact: the HTTP transport can only carry
+  metadata as response headers, and Envoy's cost per header showed (about 8% of throughput for eight).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 ALLOW = "allow"  # forward to the customer's endpoint
 DENY = "deny"  # answer the client with `status` and the OpenAI error `body`
 LOCAL = "local"  # answered by the gateway itself (`/v1/models`): `body` with status 200
 
-# Printable ASCII but "%": what a header value may carry verbatim; anything else is percent-escaped.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-META_PREFIX = "x-gw-"
+META_KEY = "x-gw-log"
 # Read by the route table (envoy/envoy.yaml) to pick the cluster; only ext_authz may set it.
 DESTINATION_HEADER = "x-gateway-destination"
 # The path the forwarded request takes; envoy/gateway.lua moves it into `:path` (an HTTP answer cannot
@@ -47,10 +46,8 @@ class Decision:
 
     @property
     def error_code(self) -> str | None:
-        return self.meta.get("error-code")
+        return self.meta.get("error_code")
 
-
-def header_safe(value: str) -> str:
-    """A client-chosen string (the model) made safe to carry in a header: control characters, "%" and
-    non-ASCII are percent-escaped, as envoy/authz_request.lua does."""
-    return quote(value, safe=_HEADER_SAFE)
+    def meta_json(self) -> str:
+        # ensure_ascii escapes control characters and non-ASCII; DEL is ASCII yet no header may carry it.
+        return json.dumps(self.meta, separators=(",", ":")).replace("\x7f", "\\u007f")

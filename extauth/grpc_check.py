@@ -16,7 +16,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauth.checker import Checker
-from extauth.decision import ALLOW, META_PREFIX, Decision
+from extauth.decision import ALLOW, META_KEY, Decision
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -29,7 +29,7 @@ def _headers(pairs: list[tuple[str, str]]) -> list[core.HeaderValueOption]:
 
 def render(decision: Decision) -> authz.CheckResponse:
     meta = struct_pb2.Struct()
-    meta.update({META_PREFIX + k: v for k, v in decision.meta.items()})
+    meta.update({META_KEY: decision.meta_json()})
     if decision.kind == ALLOW:
         return authz.CheckResponse(
             status=_OK,

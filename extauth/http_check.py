@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 from extauth import errors
 from extauth.checker import Checker, models_body
-from extauth.decision import DENY, LOCAL_MODELS_PATH, META_PREFIX, Decision
+from extauth.decision import DENY, LOCAL_MODELS_PATH, META_KEY, Decision
 from extauth.state import StateStore
 
 log = logging.getLogger("extauth")
@@ -45,8 +45,8 @@ def render(decision: Decision) -> bytes:
         lines.append(f"{name}: {value}\r\n")
     if decision.remove_headers:
         lines.append(f"{_REMOVE_HEADER}: {','.join(decision.remove_headers)}\r\n")
-    for name, value in decision.meta.items():
-        lines.append(f"{META_PREFIX}{name}: {value}\r\n")
+    if decision.meta:
+        lines.append(f"{META_KEY}: {decision.meta_json()}\r\n")
     body = decision.body.encode() if decision.kind == DENY else b""
     if body:
         lines.append("content-type: application/json\r\n")

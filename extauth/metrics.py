@@ -35,7 +35,10 @@ _TRACKED_KEYS = 1000
 class ExtauthMetrics:
     def __init__(self, meter: Meter, store: StateStore) -> None:
         self._store = store
-        self._decisions = meter.create_counter("gateway.extauth.decisions", unit="{check}")
+        # Counted in a plain dict and read at scrape time: an OpenTelemetry counter's add() costs a few
+        # microseconds a check (attribute hashing), this costs a dict update.
+        self._decided: dict[tuple[str, str], int] = {}
+        meter.create_observable_counter("gateway.extauth.decisions", callbacks=[self._decisions], unit="{check}")
         self._duration = meter.create_histogram(
             "gateway.extauth.check.duration", unit="s", explicit_bucket_boundaries_advisory=_CHECK_BUCKETS
         )
@@ -48,14 +51,15 @@ class ExtauthMetrics:
         )
         meter.create_observable_gauge("gateway.extauth.ratelimit.top_keys", callbacks=[self._top_keys], unit="1")
         self._peaks: dict[str, float] = {}
-        self._attrs: dict[tuple[str, str], dict[str, str]] = {}
 
     def decided(self, decision: str, code: str, seconds: float) -> None:
-        attrs = self._attrs.get((decision, code))
-        if attrs is None:
-            attrs = self._attrs[(decision, code)] = {"decision": decision, "code": code}
-        self._decisions.add(1, attrs)
+        key = (decision, code)
+        self._decided[key] = self._decided.get(key, 0) + 1
         self._duration.record(seconds)
+
+    def _decisions(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for (decision, code), count in list(self._decided.items()):
+            yield Observation(count, {"decision": decision, "code": code})
 
     def redis_error(self, timeout: bool) -> None:
         self._redis_errors.add(1, {"kind": "timeout" if timeout else "error"})

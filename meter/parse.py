@@ -1,5 +1,5 @@
 """One Envoy access-log line (see the `json_format` block of envoy/envoy.yaml) to a typed usage record,
-or to the reason it is rejected.
+or to the reason it is rejected. ext_authz's facts arrive as one JSON object in the `authz` field.
 
 Envoy writes absent metadata as `null`, and some operators write "-"; both (and "") become None.
 Everything a record holds is checked to fit its column in `usage_events`, because one value PostgreSQL
@@ -83,6 +83,17 @@ def parse_line(raw: bytes) -> UsageRecord | Reject:
 
 
 def _record(entry: dict[str, Any]) -> UsageRecord:
+    authz = entry.get("authz")
+    if authz not in _ABSENT:
+        # ext_authz's record of the decision (workspace, key, deployment, model, ...), one JSON object
+        # in a string field; lines without it (denied before ext_authz, older formats) carry none.
+        try:
+            facts = _JSON.decode(authz) if isinstance(authz, str) else None
+        except ValueError:
+            facts = None
+        if not isinstance(facts, dict):
+            raise _Malformed("authz is not a JSON object")
+        entry = {**facts, **entry}
     request_id = _text(entry, "request_id")
     if request_id is None:
         raise _Malformed("missing request_id")

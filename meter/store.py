@@ -105,9 +105,7 @@ class UsageStore:
         self.conn.close()
 
     def load_position(self, log_path: str) -> Position | None:
-        row = self.conn.execute(
-            'SELECT inode, "offset" FROM meter_offsets WHERE log_path = %s', (log_path,)
-        ).fetchone()
+        row = self.conn.execute('SELECT inode, "offset" FROM meter_offsets WHERE log_path = %s', (log_path,)).fetchone()
         return Position(row[0], row[1]) if row else None
 
     def write(

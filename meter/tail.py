@@ -155,7 +155,9 @@ class LogTailer:
             log.warning(
                 "%s was rotated while the meter was down and its old file (inode %d) is gone; "
                 "starting the new file from 0: lines the old file held after offset %d are not metered",
-                self.path, resume.inode, resume.offset,
+                self.path,
+                resume.inode,
+                resume.offset,
             )
         return current
 

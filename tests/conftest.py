@@ -131,8 +131,10 @@ class Gateway:
             yield ctx
 
     def access_log(self) -> list[dict[str, Any]]:
+        """Each line, with ext_authz's facts (the JSON object in `authz`) lifted beside Envoy's own."""
         path = self.state_dir / "access.log"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [{**json.loads(line["authz"] or "{}"), **line} for line in lines]
 
     def all_output(self) -> str:
         """Everything the stack's processes wrote: logs, access log, console."""

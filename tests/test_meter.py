@@ -49,6 +49,9 @@ def settings(db: str, log_path: Path, batch_lines: int = 500) -> MeterSettings:
     )
 
 
+AUTHZ_FIELDS = ("route", "decision", "error_code", "workspace_id", "key_id", "deployment_id", "destination", "model")
+
+
 def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
     line: dict[str, Any] = {
         "request_id": request_id or str(uuid.uuid4()),
@@ -74,6 +77,9 @@ def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
         "bytes_sent": 640,
     }
     line.update(fields)
+    # As envoy/envoy.yaml writes it: ext_authz's facts in one JSON object, absent ones left out.
+    facts = {k: line.pop(k) for k in AUTHZ_FIELDS if k in line}
+    line["authz"] = json.dumps({k: v for k, v in facts.items() if v is not None})
     return line
 
 
