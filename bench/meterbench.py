@@ -44,7 +44,8 @@ def access_log_entry(i: int, start: datetime) -> dict[str, Any]:
              "deployment_id": "dep_bench", "destination": "runpod", "decision": "allow"}
     return {
         "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "status": 200, "flags": "-",
-        "authz": json.dumps(authz, separators=(",", ":")), "response_model": "bench-chat", "prompt_tokens": prompt, "completion_tokens": random.randint(1, 800),
+        "authz": json.dumps(authz, separators=(",", ":")), "response_model": "bench-chat", "prompt_tokens": prompt,
+        "completion_tokens": random.randint(1, 800),
         "upstream_host": "127.0.0.1:8443", "duration_ms": random.randint(1, 900),
         "ttfb_ms": random.randint(1, 300), "bytes_received": 90 + prompt * 4, "bytes_sent": 420,
     }
