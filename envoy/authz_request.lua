@@ -2,14 +2,15 @@
 -- header x-gateway-model, so the body itself never travels to ext_authz.
 --
 -- A client's own x-gateway-model is always dropped first, so the header can only carry the body's
--- value. The value is percent-escaped (control characters, "%", DEL and non-ASCII bytes): a model name
--- is client input and may hold bytes no header may carry; ext_authz unescapes it.
+-- value. The value is percent-escaped (control characters, spaces, "%", DEL and non-ASCII bytes): a
+-- model name is client input and may hold bytes no header may carry, or spaces a header would trim;
+-- ext_authz unescapes it.
 
 local BODY = "envoy.filters.http.json_to_metadata"
 local HEADER = "x-gateway-model"
 
 local function escape(value)
-  return (value:gsub("[%c%%\127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
+  return (value:gsub("[%c%% \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
 end
 
 function envoy_on_request(handle)

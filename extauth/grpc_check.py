@@ -1,7 +1,8 @@
-"""The ext_authz gRPC transport (`envoy.service.auth.v3.Authorization/Check`), for operators who run
-Envoy's ext_authz filter with `grpc_service` (README, "Operators: the gRPC transport"). Served on
-EXTAUTH_GRPC_LISTEN when set, beside the HTTP transport; it renders the same Decision. It costs about
-four times the CPU per check of the HTTP transport (Envoy's side and ours), hence not the default.
+"""The ext_authz gRPC transport (`envoy.service.auth.v3.Authorization/Check` and gRPC health), for
+operators who run Envoy's ext_authz filter with `grpc_service` (README, "The gRPC transport"). Served on
+EXTAUTH_LISTEN with EXTAUTH_TRANSPORT=grpc; it renders the same Decision as the HTTP transport. Envoy
+and Python together spend several times the CPU per check that the HTTP transport costs, hence not the
+default. `/v1/models` is answered inside the CheckResponse (a 200 "denied" response never forwarded).
 """
 
 from __future__ import annotations

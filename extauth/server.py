@@ -1,6 +1,6 @@
-"""Entry point: `python -m extauth.server` serves Envoy's ext_authz over HTTP on EXTAUTH_LISTEN (and
-over gRPC on EXTAUTH_GRPC_LISTEN when set), and metrics, readiness and the internal credential route
-on EXTAUTH_METRICS_LISTEN."""
+"""Entry point: `python -m extauth.server` serves Envoy's ext_authz on EXTAUTH_LISTEN, over HTTP (the
+shipped envoy/envoy.yaml) or over gRPC (EXTAUTH_TRANSPORT=grpc, for an envoy.yaml edited to use
+`grpc_service`), and metrics, readiness and the internal credential route on EXTAUTH_METRICS_LISTEN."""
 
 from __future__ import annotations
 
@@ -41,20 +41,21 @@ async def serve(settings: ExtauthSettings) -> None:
     metrics = ExtauthMetrics(_meter(settings.metrics_listen is not None), store)
     checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key)
     service = http_check.CheckService(checker, store)
-    # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
-    server = await http_check.serve(service, settings.listen.host, settings.listen.port)
-    grpc_transport = None
-    if settings.grpc_listen is not None:
-        from extauth.grpc_check import GrpcTransport  # grpcio only loads for operators who use it
+    server = grpc_transport = None
+    if settings.transport == "grpc":
+        from extauth.grpc_check import GrpcTransport  # grpcio loads only for operators who use it
 
-        grpc_transport = GrpcTransport(checker, str(settings.grpc_listen))
+        grpc_transport = GrpcTransport(checker, str(settings.listen))
         await grpc_transport.start()
+    else:
+        # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
+        server = await http_check.serve(service, settings.listen.host, settings.listen.port)
     admin_runner = None
     if settings.metrics_listen is not None:
         admin_runner = await admin.serve(
             settings.metrics_listen.host, settings.metrics_listen.port, lambda: service.serving
         )
-    log.info("ext_authz listening on %s", settings.listen)
+    log.info("ext_authz (%s) listening on %s", settings.transport, settings.listen)
     print(f"extauth listening on {settings.listen}", flush=True)
 
     stop = asyncio.Event()
@@ -68,7 +69,8 @@ async def serve(settings: ExtauthSettings) -> None:
     if grpc_transport is not None:
         await grpc_transport.drain()
     await asyncio.sleep(settings.drain_s)
-    await http_check.drain(service, server, grace_s=5)
+    if server is not None:
+        await http_check.drain(service, server, grace_s=5)
     if grpc_transport is not None:
         await grpc_transport.stop()
     if admin_runner is not None:

@@ -11,7 +11,7 @@ from control.env import HostPort, SettingsError, env_choice, env_hostport, env_i
 @dataclass(frozen=True)
 class ExtauthSettings:
     listen: HostPort
-    grpc_listen: HostPort | None
+    transport: str
     database_url: str
     redis_url: str
     master_key: str | None
@@ -32,10 +32,9 @@ class ExtauthSettings:
             raise SettingsError("ext_authz needs DATABASE_URL and REDIS_URL")
         state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
         metrics = env_opt("EXTAUTH_METRICS_LISTEN")
-        grpc_listen = env_opt("EXTAUTH_GRPC_LISTEN")
         return cls(
             listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
-            grpc_listen=HostPort.parse(grpc_listen, "EXTAUTH_GRPC_LISTEN") if grpc_listen else None,
+            transport=env_choice("EXTAUTH_TRANSPORT", "http", ("http", "grpc")),
             database_url=database_url,
             redis_url=redis_url,
             master_key=env_opt("GATEWAY_MASTER_KEY"),

@@ -270,6 +270,8 @@ def test_malformed_lines_are_kept_aside(db: str, log_path: Path) -> None:
         json.dumps(entry("nul", model="demo\x00chat")).encode() + b"\n",
         b'{"request_id": "latin1", "model": "caf\xe9"}\n',
         json.dumps(entry("bad-time", start_time="yesterday")).encode() + b"\n",
+        json.dumps(entry("bad-authz") | {"authz": "[1]"}).encode() + b"\n",
+        json.dumps(entry("cut-authz") | {"authz": '{"workspace_id": "ws'}).encode() + b"\n",
     ]
     append(log_path, good[0], *bad[:5], good[1], good[2], *bad[5:], good[3])
 
@@ -291,6 +293,7 @@ def test_malformed_lines_are_kept_aside(db: str, log_path: Path) -> None:
     assert "NUL" in reasons[6]
     assert reasons[7] == "not UTF-8"
     assert reasons[8].startswith("start_time:")
+    assert reasons[9] == reasons[10] == "authz is not a JSON object"
 
 
 def test_endless_line_is_rejected_in_pieces(db: str, log_path: Path) -> None:

@@ -1,0 +1,141 @@
+"""The ext_authz transports: the shipped HTTP one (how the body's model and the decision travel as
+headers, and what a client cannot forge there) and the gRPC one an operator can switch to."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
+from tests.support import call, envoy_copy, wait_until
+
+
+def chat_body(model: str) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["a\nb\r\nx-injected: 1", "del\x7fchar", "nul\x00char", "模型-über", "100%-sure", "quote\"and\\slash", " "],
+)
+def test_any_model_string_gets_model_not_found_with_the_name_echoed(
+    gateway: Gateway, tenant: Tenant, model: str
+) -> None:
+    reply = call("POST", f"{gateway.base_url}/chat/completions", chat_body(model), key=tenant.api_key)
+    assert reply.status == 404, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert f"`{model}`" in error["message"]
+    assert "x-injected" not in {k.lower() for k in reply.headers}
+
+
+def test_a_model_that_is_not_a_string_is_a_missing_model(gateway: Gateway, tenant: Tenant) -> None:
+    for model in (None, 5, ["x"], {"x": 1}):
+        body = {"messages": []} if model is None else {"model": model, "messages": []}
+        reply = call("POST", f"{gateway.base_url}/chat/completions", body, key=tenant.api_key)
+        assert reply.status in (400, 404), (model, reply.body)
+        assert reply.json()["error"]["code"] in ("missing_model", "model_not_found")
+
+
+def test_forged_transport_headers_change_nothing(gateway: Gateway, simulator: Simulator, tenant: Tenant) -> None:
+    """A client sending the headers ext_authz and gateway.lua use among themselves gets nothing from it."""
+    other = make_tenant(gateway, simulator)
+    forged = {
+        "x-gateway-model": other.chat_model,
+        "x-gateway-path": f"/v2/{other.deployments[other.chat_model]}/openai/v1/chat/completions",
+        "x-gateway-destination": "managed",
+        "x-gw-log": json.dumps({"decision": "allow", "workspace_id": other.workspace_id}),
+        "x-envoy-auth-headers-to-remove": "authorization",
+    }
+    before = len(simulator.requests())
+    # Without a body model the forged model header is not taken.
+    reply = call("POST", f"{gateway.base_url}/chat/completions", {"messages": []}, key=tenant.api_key, headers=forged)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "missing_model"
+    # With one, the request goes where the body's model says, and the forged headers are gone.
+    reply = call("POST", f"{gateway.base_url}/chat/completions", chat_body(tenant.chat_model), key=tenant.api_key,
+                 headers=forged)
+    assert reply.status == 200, reply.body
+    [seen] = [r for r in simulator.requests()[before:] if "/openai/" in r["path"]]
+    assert seen["path"] == f"/v2/{tenant.deployments[tenant.chat_model]}/openai/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {tenant.runpod_key}"
+    assert not {name.lower() for name in seen["headers"]} & set(forged), seen["headers"]
+    # The access log holds ext_authz's own record, not the forged one.
+    request_id = seen["headers"]["x-request-id"]
+    wait_until(lambda: any(line["request_id"] == request_id for line in gateway.access_log()), 5, "the log line")
+    [logged] = [line for line in gateway.access_log() if line["request_id"] == request_id]
+    assert logged["workspace_id"] == tenant.workspace_id and logged["decision"] == "allow"
+
+
+def test_the_models_route_is_not_reachable_by_a_client(gateway: Gateway, simulator: Simulator, tenant: Tenant) -> None:
+    """/v1/models is served by ext_authz through a route only ext_authz's own answer selects."""
+    for path in (f"/_gateway/models/{tenant.workspace_id}", f"/_gateway/models/{tenant.workspace_id}/x"):
+        reply = call("GET", f"{gateway.url}{path}", key=tenant.api_key, headers={"x-gateway-destination": "local"})
+        assert reply.status == 404, reply.body
+        assert tenant.chat_model not in reply.body.decode()
+
+
+# --- the gRPC transport, as an operator switches to it ------------------------------------------------------
+
+
+def grpc_config(root: Path) -> Path:
+    """An operator's copy of envoy/ edited as README "The gRPC transport" says."""
+    path = envoy_copy(root)
+    config = yaml.safe_load(path.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    authz["typed_config"].pop("http_service")
+    authz["typed_config"]["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s"}
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "extauth"]
+    cluster["health_checks"][0].pop("http_health_check")
+    cluster["health_checks"][0]["grpc_health_check"] = {}
+    cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grpc_gateway(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
+    gateway: Gateway,
+) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("grpc")
+    (root / "gw").mkdir()
+    yield from start_gateway(root / "gw", database_url, redis_url, simulator.url,
+                             {"GATEWAY_ENVOY_CONFIG": str(grpc_config(root)), "EXTAUTH_TRANSPORT": "grpc",
+                              "GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key")})
+
+
+def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator) -> None:
+    t = make_tenant(gateway, simulator)
+    sdk = openai.OpenAI(base_url=grpc_gateway.base_url, api_key=t.api_key, max_retries=0)
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=t.chat_model, messages=[{"role": "user", "content": "one two"}])
+    assert raw.parse().usage is not None and raw.parse().usage.completion_tokens > 0
+    assert raw.headers["x-ratelimit-limit"] == "500"
+    chunks = list(sdk.chat.completions.create(model=t.chat_model, messages=[{"role": "user", "content": "a b"}],
+                                              stream=True))
+    assert chunks
+    assert sorted(m.id for m in sdk.models.list()) == sorted([t.chat_model, t.embedding_model])
+    assert sdk.models.retrieve(t.embedding_model).id == t.embedding_model
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.chat.completions.create(model="nope\x7f", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=grpc_gateway.base_url, api_key="sk-gw-wrong", max_retries=0).models.list()
+    seen = [r for r in simulator.requests() if r["path"].startswith(f"/v2/{t.deployments[t.chat_model]}/openai/")]
+    assert seen and all(r["headers"]["authorization"] == f"Bearer {t.runpod_key}" for r in seen)
+    assert all("x-gateway-path" not in {k.lower() for k in r["headers"]} for r in seen)
+
+    def logged() -> list[dict[str, object]]:
+        return [line for line in grpc_gateway.access_log() if line.get("workspace_id") == t.workspace_id]
+
+    wait_until(lambda: {line.get("decision") for line in logged()} >= {"allow", "local"}, 5, "the log lines")
+    assert any(line.get("prompt_tokens") for line in logged())
+    assert {line.get("error_code") for line in logged()} >= {"model_not_found"}
