@@ -32,6 +32,8 @@ MODEL_HEADER = "x-gateway-model"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"
+# One encoder for every check: json.dumps with options builds a new one per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(slots=True)
@@ -50,4 +52,4 @@ class Decision:
 
     def meta_json(self) -> str:
         # ensure_ascii escapes control characters and non-ASCII; DEL is ASCII yet no header may carry it.
-        return json.dumps(self.meta, separators=(",", ":")).replace("\x7f", "\\u007f")
+        return _COMPACT.encode(self.meta).replace("\x7f", "\\u007f")
