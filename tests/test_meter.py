@@ -451,3 +451,14 @@ def test_usage_labels_fold_pairs_beyond_the_limit() -> None:
     assert labels("ws_2", None) == ("ws_2", "unknown")
     assert labels("ws_3", "m") == (OTHER, OTHER)
     assert labels("ws_1", "m") == ("ws_1", "m")
+
+
+def test_authz_facts_and_older_flat_lines_parse_alike() -> None:
+    from meter.parse import UsageRecord, parse_line
+
+    packed = entry("same-id")
+    flat = {k: v for k, v in packed.items() if k != "authz"} | json.loads(packed["authz"])
+    records = [parse_line(json.dumps(line).encode()) for line in (packed, flat)]
+    assert all(isinstance(r, UsageRecord) for r in records)
+    assert records[0] == records[1]
+    assert records[0].workspace_id == "ws_abc" and records[0].deployment_id == "dep_abc"
