@@ -3,8 +3,9 @@
 -- On the way in: an allowed request carries the upstream path ext_authz chose in x-gateway-path;
 -- it becomes :path (an ext_authz answer over HTTP cannot set pseudo-headers) and routing starts again.
 --
--- On the way back, for requests ext_authz forwarded to a customer's endpoint (decision "allow"):
--- 1. Token usage and the model that answered, into dynamic metadata `gateway.usage` for the access log:
+-- On the way back, for requests ext_authz forwarded to a customer's endpoint (routes runpod, managed):
+-- 1. Token usage and the model that answered, into dynamic metadata `gateway.usage:usage` for the
+--    access log:
 --    from streamed (SSE) responses as the chunks pass, without buffering or delaying them; from JSON
 --    responses once whole (they are buffered anyway, to catch worker errors). A pattern scan costs a
 --    fraction of a full JSON parse, which matters for large embeddings responses.
@@ -42,20 +43,30 @@ local function replace(handle, status, body)
   headers:replace("content-length", tostring(#body))
 end
 
+-- The capture of `pattern` (anchored with "^") right after the last `key` in `text`. A plain find
+-- jumps between occurrences; an unanchored Lua pattern would be tried at every byte of the body.
+local function after_last(text, key, pattern)
+  local value, from = nil, 1
+  while true do
+    local _, stop = text:find(key, from, true)
+    if stop == nil then return value end
+    value = text:match(pattern, stop + 1) or value
+    from = stop + 1
+  end
+end
+
 local function record_usage(handle, text)
-  local usage = nil
   -- The usage object of an OpenAI stream is in the last event that carries one; a JSON response has
   -- one, at the top level.
-  for candidate in text:gmatch('"usage"%s*:%s*(%b{})') do usage = candidate end
+  local usage = after_last(text, '"usage"', '^%s*:%s*(%b{})')
   if usage == nil then return end
-  local prompt = usage:match('"prompt_tokens"%s*:%s*(%d+)')
-  local completion = usage:match('"completion_tokens"%s*:%s*(%d+)')
+  -- One metadata write: each one merges into the stream's metadata, which costs more than the scan.
   -- Wrapper objects do not survive a yield: fetch the metadata afresh each time.
-  local meta = handle:streamInfo():dynamicMetadata()
-  if prompt then meta:set(USAGE, "prompt_tokens", tonumber(prompt)) end
-  if completion then meta:set(USAGE, "completion_tokens", tonumber(completion)) end
-  local model = text:match('"model"%s*:%s*"([^"\\]*)"')
-  if model then meta:set(USAGE, "model", model) end
+  handle:streamInfo():dynamicMetadata():set(USAGE, "usage", {
+    prompt_tokens = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)')),
+    completion_tokens = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)')),
+    model = text:match('^%s*:%s*"([^"\\]*)"', (select(2, text:find('"model"', 1, true)) or #text) + 1),
+  })
 end
 
 local function scan_stream(handle)
@@ -63,20 +74,28 @@ local function scan_stream(handle)
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
     local window = tail .. bytes
-    if window:find('"usage"%s*:%s*{') then record_usage(handle, window) end
+    if window:find('"usage"', 1, true) then record_usage(handle, window) end
     tail = window:sub(-CARRY)
   end
 end
 
 local function worker_error(body)
   -- vLLM: {"object":"error","message":...,"code":404}; the RunPod handler: {"error":{"message":...}}
-  if body:find('^%s*{%s*"error"%s*:%s*{') or body:find('"object"%s*:%s*"error"') then
+  if body:find('^%s*{%s*"error"%s*:%s*{') or after_last(body, '"object"', '^%s*:%s*"(error)"') then
     local message = body:match('"message"%s*:%s*"(.-)"%s*[,}]') or "the model worker failed"
     local code = tonumber(body:match('"code"%s*:%s*(%d%d%d)'))
     if code == nil or code < 400 or code > 599 then code = 502 end
     return code, message
   end
   return nil
+end
+
+-- From ext_authz's record (a JSON object whose client-chosen strings are escaped, so they cannot
+-- imitate this unescaped key/value pair).
+local function workspace_of(handle)
+  local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ)
+  local record = authz and authz["x-gw-log"] or ""
+  return record:match('"workspace_id":"([%w_]+)"') or ""
 end
 
 function envoy_on_request(handle)
@@ -89,11 +108,9 @@ function envoy_on_request(handle)
 end
 
 function envoy_on_response(handle)
-  local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ)
-  -- ext_authz's record is a JSON object; client-chosen strings in it are escaped, so they cannot
-  -- imitate these unescaped key/value pairs.
-  local record = authz and authz["x-gw-log"]
-  if record == nil or not record:find('"decision":"allow"', 1, true) then return end
+  -- Only requests ext_authz allowed and forwarded reach these two routes (envoy.yaml, "runpod").
+  local route = handle:streamInfo():routeName()
+  if route ~= "runpod" and route ~= "managed" then return end
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
   local content_type = headers:get("content-type") or ""
@@ -119,7 +136,7 @@ function envoy_on_response(handle)
     handle:httpCall("extauth_admin", {
       [":method"] = "POST", [":path"] = "/internal/credential-rejected", [":authority"] = "extauth",
       ["content-type"] = "text/plain",
-    }, record:match('"workspace_id":"([%w_]+)"') or "", 1000)
+    }, workspace_of(handle), 1000)
   elseif status == 429 then
     replace(handle, 429, error_body("RunPod is rate-limiting this endpoint. Retry after the time in Retry-After.",
       "requests", "upstream_rate_limited"))
