@@ -9,6 +9,11 @@ about the gateway alone.
 
 The bare baseline is the same binary with nothing but a router in front of the same upstream: the
 difference between it and the gateway is what the gateway's filters, ext_authz and access log cost.
+
+The trivial-authz ceilings are the bare baseline plus the shipped ext_authz filter, taken from
+envoy/envoy.yaml, calling a do-nothing Python ext_authz (bench/trivial_authz.py) over gRPC and over
+HTTP: what Envoy costs with an ext_authz that decides nothing, so the gateway's share of it is what its
+real work keeps.
 """
 
 from __future__ import annotations
@@ -53,11 +58,10 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
     }
 
 
-def _listener(name: str, port: int, routes: list[dict[str, Any]], read_body: bool = False) -> dict[str, Any]:
+def _listener(
+    name: str, port: int, routes: list[dict[str, Any]], filters: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     router = {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
-    # A direct response sent before the request body has arrived makes Envoy close the connection: the
-    # upstream must read each request whole, as a real one does, or every request pays a reconnect.
-    buffer = {"name": "envoy.filters.http.buffer", "typed_config": {"@type": BUFFER, "max_request_bytes": 1 << 20}}
     return {
         "name": name,
         "address": _socket(port),
@@ -67,7 +71,7 @@ def _listener(name: str, port: int, routes: list[dict[str, Any]], read_body: boo
                 "@type": HCM,
                 "stat_prefix": name,
                 "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
-                "http_filters": [buffer, router] if read_body else [router],
+                "http_filters": [*(filters or []), router],
             },
         }]}],
     }
@@ -82,7 +86,10 @@ def upstream_config(port: int, stream_prefix: str, stream_port: int) -> dict[str
             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
         },
     ]
-    return {"static_resources": {"listeners": [_listener("upstream", port, routes, read_body=True)],
+    # A direct response sent before the request body has arrived makes Envoy close the connection: the
+    # upstream must read each request whole, as a real one does, or every request pays a reconnect.
+    buffer = {"name": "envoy.filters.http.buffer", "typed_config": {"@type": BUFFER, "max_request_bytes": 1 << 20}}
+    return {"static_resources": {"listeners": [_listener("upstream", port, routes, [buffer])],
                                  "clusters": [_cluster("stream", stream_port)]}}
 
 
@@ -90,6 +97,37 @@ def bare_config(port: int, upstream_port: int) -> dict[str, Any]:
     routes = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "60s"}}]
     return {"static_resources": {"listeners": [_listener("bare", port, routes)],
                                  "clusters": [_cluster("upstream", upstream_port)]}}
+
+
+def shipped_ext_authz(shipped: Path) -> dict[str, Any]:
+    """The ext_authz filter of the shipped config, unchanged (its cluster is named `extauth`)."""
+    config = yaml.safe_load(shipped.read_text(encoding="utf-8"))
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    if http_filter["name"] == "envoy.filters.http.ext_authz":
+                        return dict(http_filter)
+    raise ValueError(f"{shipped} has no envoy.filters.http.ext_authz filter")
+
+
+def trivial_authz_config(
+    port: int, upstream_port: int, authz_port: int, ext_authz: dict[str, Any], transport: str
+) -> dict[str, Any]:
+    """Bare Envoy plus the shipped ext_authz filter. For gRPC, edited as README's "The gRPC transport"
+    says: the `http_service` block becomes a `grpc_service`, and the cluster speaks HTTP/2."""
+    authz_cluster = _cluster("extauth", authz_port)
+    if transport == "grpc":
+        typed = {k: v for k, v in ext_authz["typed_config"].items() if k != "http_service"}
+        typed["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s"}
+        ext_authz = {**ext_authz, "typed_config": typed}
+        authz_cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }}
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "60s"}}]
+    return {"static_resources": {"listeners": [_listener("trivial", port, routes, [ext_authz])],
+                                 "clusters": [_cluster("upstream", upstream_port), authz_cluster]}}
 
 
 def start(procs: Processes, name: str, envoy: str, config: dict[str, Any], directory: Path) -> Child:

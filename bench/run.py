@@ -25,7 +25,7 @@ from typing import Any
 
 from bench import envoys, meterbench, ttft, wrk
 from bench.openloop import Spec
-from bench.procs import HarnessError, Processes, cpu_seconds, rss_bytes, tail, wait_for_port
+from bench.procs import Child, HarnessError, Processes, cpu_seconds, rss_bytes, tail, wait_for_port
 from bench.report import Row, table, write_json
 from bench.services import CHAT_MODEL, STREAM_MODEL, Gateway, Services, Tenant, base_env
 from control.net import free_port
@@ -36,6 +36,10 @@ STREAM_BODY = json.dumps({"model": STREAM_MODEL, "messages": [{"role": "user", "
 
 # Targets (the product's performance contract).
 MIN_GATEWAY_RPS = 5000.0
+# The same target as the issue states it, relative to the trivial-authz ceiling measured in the same run:
+# 5,000 is 70% of the ~7k Envoy reached with a do-nothing grpc.aio ext_authz on the reference machine
+# (../shared/reference/envoy.md), so a slower machine is judged by the same rule.
+MIN_CEILING_RATIO = 0.70
 MAX_ADDED_P50_MS = 1.0
 MAX_ADDED_P99_MS = 5.0
 MAX_TTFT_ADDED_MS = 2.0
@@ -108,6 +112,7 @@ class Bench:
         self.procs = procs
         self.services = services
         self.details: dict[str, Any] = {}
+        self.upstream_port = 0
 
     # --- pieces ---------------------------------------------------------------------------------------
 
@@ -152,6 +157,26 @@ class Bench:
         cpu = _per_request_us(before, _cpu(pids), result.requests)
         self.details[f"wrk_{name}"] = {**asdict(result), "cpu_us_per_request": cpu}
         return result, cpu
+
+    def ceiling(
+        self, transport: str, envoy: str, upstream: Child, ext_authz: dict[str, Any], script: Path
+    ) -> wrk.WrkResult:
+        """Throughput of Envoy with the shipped ext_authz filter and a do-nothing Python ext_authz, stopped
+        again afterwards so that only the gateway's own processes are busy from then on."""
+        port, authz_port = free_port(), free_port()
+        authz = self.procs.spawn(f"trivial-authz-{transport}", [
+            sys.executable, "-m", "bench.trivial_authz", transport, str(authz_port)], base_env())
+        wait_for_port(authz_port, 20, authz)
+        proxy = envoys.start(self.procs, f"trivial-envoy-{transport}", envoy,
+                             envoys.trivial_authz_config(port, self.upstream_port, authz_port, ext_authz, transport),
+                             self.tmp)
+        wait_for_port(port, 20, proxy)
+        say(f"throughput, Envoy with a do-nothing {transport} ext_authz")
+        result, _ = self.throughput(f"ceiling_{transport}", port, script, {
+            "envoy": [proxy.proc.pid], "authz": [authz.proc.pid], "upstream": [upstream.proc.pid]})
+        for child in (proxy, authz):
+            self.procs.stop(child)
+        return result
 
     def openloop_spec(self, name: str, port: int, tenant: Tenant, rate: float, seconds: float) -> Path:
         spec = Spec(host="127.0.0.1", port=port, path="/v1/chat/completions",
@@ -208,6 +233,7 @@ class Bench:
 
         say("starting the gateway (gatewayctl up) and provisioning a tenant")
         upstream_port, bare_port = free_port(), free_port()
+        self.upstream_port = upstream_port
         gateway = services.start_gateway(services.create_database("gateway"), f"http://127.0.0.1:{upstream_port}")
         tenant = services.provision(gateway)
         services.set_stream_delay(tenant.stream_endpoint, cfg.stream_delay_ms)
@@ -228,6 +254,11 @@ class Bench:
         say(f"throughput, bare Envoy: wrk {cfg.connections} connections, {cfg.threads} threads, {cfg.duration_s:g} s")
         bare_wrk, _ = self.throughput("bare", bare_port, script, {
             "envoy": [bare.proc.pid], "upstream": [upstream.proc.pid]})
+        from control.settings import settings_for
+
+        ext_authz = envoys.shipped_ext_authz(settings_for(gateway.env).envoy_config)
+        ceilings = {transport: self.ceiling(transport, envoy, upstream, ext_authz, script)
+                    for transport in ("grpc", "http")}
         say("throughput, gateway")
         gw_roles = {**pids, "upstream": [upstream.proc.pid]}
         gw_wrk, gw_cpu = self.throughput("gateway", gateway.listen_port, script, gw_roles)
@@ -259,7 +290,7 @@ class Bench:
         if gateway.child.proc.poll() is not None:
             raise HarnessError(f"the gateway exited during the run:\n{tail(gateway.child.log.read_text())}")
         self.details["meter_rows_vs_log_lines"] = self._meter_consistency(gateway)
-        return self._rows(meter_run, bare_wrk, gw_wrk, gw_cpu, lag, ol_bare, ol_gw, first_token,
+        return self._rows(meter_run, bare_wrk, ceilings, gw_wrk, gw_cpu, lag, ol_bare, ol_gw, first_token,
                           (rss_start, rss_end, rss_max))
 
     def _meter_consistency(self, gateway: Gateway) -> dict[str, int]:
@@ -274,6 +305,7 @@ class Bench:
         self,
         meter_run: meterbench.MeterRun,
         bare: wrk.WrkResult,
+        ceilings: dict[str, wrk.WrkResult],
         gw: wrk.WrkResult,
         gw_cpu: dict[str, float],
         lag: meterbench.Lag,
@@ -287,6 +319,7 @@ class Bench:
         ttft_added = first_token.gateway_ms - first_token.direct_ms
         rss_start, rss_end, rss_max = rss
         growth = (rss_end - rss_start) / rss_start
+        ratio = {t: gw.rps / c.rps if c.rps else 0.0 for t, c in ceilings.items()}
         mib = 1024 * 1024
         open_ok = ol_gw["non_2xx"] == 0 and ol_gw["errors"] == 0
         return [
@@ -295,8 +328,15 @@ class Bench:
             Row("bare_p90_ms", "bare Envoy latency p90", bare.p90_ms, "ms"),
             Row("bare_p99_ms", "bare Envoy latency p99", bare.p99_ms, "ms"),
             Row("bare_non_2xx", "bare Envoy non-2xx + socket errors", bare.non_2xx + bare.socket_errors, ""),
+            *(Row(f"ceiling_{t}_rps", f"do-nothing {t.upper()} ext_authz throughput", ceilings[t].rps, "req/s")
+              for t in ("grpc", "http")),
+            Row("ceiling_non_2xx", "do-nothing ext_authz non-2xx + socket errors",
+                sum(c.non_2xx + c.socket_errors for c in ceilings.values()), ""),
             Row("gateway_rps", "gateway throughput", gw.rps, "req/s", f">= {MIN_GATEWAY_RPS:,.0f}",
                 gw.rps >= MIN_GATEWAY_RPS),
+            Row("ceiling_ratio", "throughput gateway / do-nothing gRPC ext_authz", ratio["grpc"], "",
+                f">= {MIN_CEILING_RATIO:g}", ratio["grpc"] >= MIN_CEILING_RATIO),
+            Row("http_ceiling_ratio", "throughput gateway / do-nothing HTTP ext_authz", ratio["http"], ""),
             Row("gateway_non_2xx", "gateway non-2xx + socket errors", gw.non_2xx + gw.socket_errors, "", "0",
                 gw.non_2xx + gw.socket_errors == 0),
             Row("gateway_p50_ms", "gateway latency p50", gw.p50_ms, "ms"),
@@ -365,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(cfg, tmp, procs, services)
         rows = bench.run()
         config = {**asdict(cfg), "elapsed_s": round(time.monotonic() - started, 1), "cpus": os.cpu_count(),
-                  "extauth_replicas": len(bench.details["pids"]["extauth"])}
+                  "extauth_replicas": len(bench.details["pids"]["extauth"]), "redis_server": services.redis_server}
         write_json(out, rows, config, bench.details)
         title = (f"Gateway benchmark{' (quick)' if cfg.quick else ''}: wrk {cfg.connections} connections x "
                  f"{cfg.threads} threads x {cfg.duration_s:g} s; open loop {cfg.rate:g} req/s; "

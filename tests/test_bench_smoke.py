@@ -32,7 +32,12 @@ def test_quick_bench_writes_every_row(tmp_path: Path) -> None:
     rows = report["rows"]
     assert {r["key"] for r in rows} >= {"gateway_rps", "gateway_non_2xx", "added_p50_ms", "added_p99_ms",
                                         "ttft_added_ms", "meter_lines_per_s", "meter_catchup_s",
-                                        "extauth_rss_growth_pct", "extauth_cpu_us", "rps_ratio"}
+                                        "extauth_rss_growth_pct", "extauth_cpu_us", "rps_ratio",
+                                        "ceiling_grpc_rps", "ceiling_http_rps", "ceiling_ratio"}
+    # Both trivial-authz ceilings answered every request (a ceiling of refusals would flatter the gateway).
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["ceiling_non_2xx"]["value"] == 0, by_key["ceiling_non_2xx"]
+    assert by_key["ceiling_grpc_rps"]["value"] > 0 and by_key["ceiling_http_rps"]["value"] > 0
     for row in rows:
         value = row["value"]
         assert isinstance(value, int | float) and not isinstance(value, bool), row
