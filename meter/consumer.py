@@ -1,11 +1,18 @@
-"""The meter's loop: read a batch of lines, parse it, record it in one transaction."""
+"""The meter's loop: read a batch of lines, parse it, record it in one transaction.
+
+While PostgreSQL records one batch, the next one is read and parsed: on two cores the database's work
+and the parsing overlap instead of taking turns, which is most of the meter's speed. Batches are still
+committed one at a time and in order, each with its own read position.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import psycopg
 from opentelemetry.metrics import NoOpMeterProvider
@@ -15,11 +22,18 @@ from meter.parse import Reject, UsageRecord, parse_line
 from meter.settings import MeterSettings
 from meter.spend_flags import SpendFlags
 from meter.store import RejectedLine, UsageStore
-from meter.tail import LogTailer
+from meter.tail import LogTailer, Position
 
 log = logging.getLogger(__name__)
 
 _RECONNECT_SECONDS = 2.0
+
+
+class _ParsedBatch(NamedTuple):
+    end: Position
+    lines: int
+    records: list[UsageRecord]
+    rejects: list[RejectedLine]
 
 
 class Meter:
@@ -33,6 +47,7 @@ class Meter:
         tailer: LogTailer,
         metrics: MeterMetrics,
         spend_flags: SpendFlags | None,
+        writer: ThreadPoolExecutor,
     ) -> None:
         self._settings = settings
         self._log_path = str(settings.access_log)
@@ -40,6 +55,8 @@ class Meter:
         self._tailer = tailer
         self._metrics = metrics
         self._spend_flags = spend_flags
+        # One thread: the connection is only ever used by one batch at a time, in order.
+        self._writer = writer
 
     @classmethod
     @contextmanager
@@ -53,14 +70,40 @@ class Meter:
             spend_flags = SpendFlags(settings.redis_url) if settings.redis_url else None
             if spend_flags is not None:
                 stack.callback(spend_flags.close)
-            yield cls(settings, store, tailer, metrics or MeterMetrics(NoOpMeterProvider()), spend_flags)
+            # Entered last, so it is shut down (its batch finished) before the connection closes.
+            writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="meter-writer"))
+            yield cls(settings, store, tailer, metrics or MeterMetrics(NoOpMeterProvider()), spend_flags, writer)
 
     def step(self) -> int:
         """Record the next batch of complete lines; return how many lines it held (0: none yet)."""
+        batch = self._read()
+        return 0 if batch is None else self._write(batch)
+
+    def consume_available(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Record batches until no complete line is left or `stop()` says so; return the lines recorded.
+        The next batch is parsed while the previous one is being written."""
+        total = 0
+        writing: Future[int] | None = None
+        try:
+            while not stop():
+                batch = self._read()
+                if writing is not None:
+                    total += writing.result()
+                    writing = None
+                if batch is None:
+                    break
+                writing = self._writer.submit(self._write, batch)
+        finally:
+            # Never leave a write running into the connection's close; its error, if any, is raised.
+            if writing is not None:
+                total += writing.result()
+        return total
+
+    def _read(self) -> _ParsedBatch | None:
         batch = self._tailer.next_batch(self._settings.batch_lines)
         self._metrics.lag_bytes = self._tailer.lag_bytes
         if batch is None:
-            return 0
+            return None
         records: list[UsageRecord] = []
         rejects: list[RejectedLine] = []
         for offset, line in batch.numbered():
@@ -69,19 +112,15 @@ class Meter:
                 rejects.append(RejectedLine(offset, line, parsed.reason))
             else:
                 records.append(parsed)
-        recorded = self._store.write(self._log_path, batch.end, records, rejects)
-        self._metrics.record(len(batch.lines), len(rejects), recorded)
+        return _ParsedBatch(batch.end, len(batch.lines), records, rejects)
+
+    def _write(self, batch: _ParsedBatch) -> int:
+        recorded = self._store.write(self._log_path, batch.end, batch.records, batch.rejects)
+        self._metrics.record(batch.lines, len(batch.rejects), recorded)
         if self._spend_flags is not None:
             charged = {row.workspace_id for row in recorded if row.charged and row.workspace_id}
             self._spend_flags.refresh(self._store.conn, charged)
-        return len(batch.lines)
-
-    def consume_available(self, stop: Callable[[], bool] = lambda: False) -> int:
-        """Record batches until no complete line is left or `stop()` says so; return the lines recorded."""
-        total = 0
-        while not stop() and (count := self.step()):
-            total += count
-        return total
+        return batch.lines
 
 
 def run_once(settings: MeterSettings) -> int:

@@ -2,7 +2,9 @@
 
 - DATABASE_URL (required)
 - GATEWAY_ACCESS_LOG: the log to follow, default `$GATEWAY_STATE_DIR/access.log` (state dir `.gateway`)
-- METER_BATCH_LINES: most lines recorded per transaction, default 500
+- METER_BATCH_LINES: most lines recorded per transaction, default 5000 (a batch also stops at about
+  8 MiB). Each row costs the database far more than the batch does, but a catching-up meter with
+  small batches pays the per-batch round trips many times over: 500 ran at two thirds the speed.
 - METER_POLL_MS: wait for new lines once the log is consumed, default 200
 - METER_METRICS_LISTEN: HOST:PORT of the Prometheus endpoint; none if unset
 - REDIS_URL: where the spend-limit flags live (see meter.spend_flags); not maintained if unset
@@ -36,7 +38,7 @@ class MeterSettings:
             database_url=database_url,
             # Absolute, because the path is the key of the stored read position.
             access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))).absolute(),
-            batch_lines=env_int("METER_BATCH_LINES", 500, minimum=1),
+            batch_lines=env_int("METER_BATCH_LINES", 5000, minimum=1),
             poll_seconds=env_int("METER_POLL_MS", 200, minimum=1) / 1000,
             metrics_listen=HostPort.parse(metrics_listen, "METER_METRICS_LISTEN") if metrics_listen else None,
             redis_url=env_opt("REDIS_URL"),

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 ROTATED_SUFFIX = ".1"
 _READ_BYTES = 1 << 20
+# A batch stops filling here whatever its line count: bounds a batch's memory when lines are long.
+BATCH_BYTES = 8 << 20
 
 
 class Position(NamedTuple):
@@ -96,7 +98,7 @@ class _OpenLog:
         return Batch(start, lines, Position(self.inode, self.offset))
 
     def _fill(self, max_lines: int) -> None:
-        while self.pending.count(b"\n") < max_lines:
+        while self.pending.count(b"\n") < max_lines and len(self.pending) < BATCH_BYTES:
             if len(self.pending) >= MAX_LINE_BYTES and b"\n" not in self.pending:
                 return
             data = os.pread(self.fd, _READ_BYTES, self.offset + len(self.pending))

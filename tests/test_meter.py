@@ -27,6 +27,7 @@ from extauth.hotstate import spend_redis_key
 from meter import Meter, MeterSettings, run_once
 from meter.metrics import OTHER, UsageLabels
 from meter.parse import MAX_LINE_BYTES
+from meter.tail import BATCH_BYTES, LogTailer
 from tests.conftest import fresh_database
 from tests.support import ROOT, wait_until
 
@@ -225,6 +226,47 @@ def test_rotation_mid_run_loses_nothing(db: str, log_path: Path) -> None:
     assert totals(db) == expected_totals(before + late + after)
     (position,) = query(db, 'SELECT inode, "offset" FROM meter_offsets')
     assert position == (log_path.stat().st_ino, log_path.stat().st_size)
+
+
+def test_a_failed_batch_stops_the_batches_after_it_and_nothing_is_lost(db: str, log_path: Path) -> None:
+    """The next batch is parsed while one is written: when that write fails, the parsed batch after it
+    must not be written either, and the stored position must match the rows on record."""
+    entries = numbered_entries(200, "line")
+    append(log_path, *entries)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_line_130() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.request_id = 'line-130' THEN RAISE EXCEPTION 'refused for the test'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON usage_events FOR EACH ROW EXECUTE FUNCTION refuse_line_130()"
+        )
+    with pytest.raises(psycopg.errors.RaiseException), Meter.open(settings(db, log_path, batch_lines=20)) as meter:
+        meter.consume_available()
+    # Batches 0-5 (lines 0-119) committed; the failed one (120-139) and all after it did not.
+    assert totals(db) == expected_totals(entries[:120])
+    offset = sum(len(json.dumps(e)) + 1 for e in entries[:120])
+    assert query(db, 'SELECT "offset" FROM meter_offsets') == [(offset,)]
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER refuse ON usage_events")
+    assert run_once(settings(db, log_path, batch_lines=20)) == 80
+    assert totals(db) == expected_totals(entries)
+
+
+def test_a_batch_of_long_lines_is_bounded_in_bytes(db: str, log_path: Path) -> None:
+    long_entries = [entry(f"long-{i}", model="m" * 60_000) for i in range(300)]  # about 18 MiB
+    append(log_path, *long_entries)
+    tailer = LogTailer(log_path, None)
+    try:
+        sizes = []
+        while (batch := tailer.next_batch(5000)) is not None:
+            sizes.append(sum(len(line) + 1 for line in batch.lines))
+    finally:
+        tailer.close()
+    assert len(sizes) > 1
+    assert max(sizes) <= BATCH_BYTES + (1 << 20)
+    assert sum(sizes) == log_path.stat().st_size
 
 
 def test_rotation_while_stopped_finishes_the_rotated_file(db: str, log_path: Path) -> None:
@@ -438,7 +480,7 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("GATEWAY_STATE_DIR", str(tmp_path))
 
     defaults = MeterSettings.from_env()
-    assert (defaults.access_log, defaults.batch_lines, defaults.poll_seconds) == (tmp_path / "access.log", 500, 0.2)
+    assert (defaults.access_log, defaults.batch_lines, defaults.poll_seconds) == (tmp_path / "access.log", 5000, 0.2)
     assert defaults.metrics_listen is None
 
     monkeypatch.setenv("METER_METRICS_LISTEN", "127.0.0.1:9464")
