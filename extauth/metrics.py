@@ -19,9 +19,10 @@ cardinality is bounded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from extauth.state import StateStore
 
@@ -51,11 +52,29 @@ class ExtauthMetrics:
         )
         meter.create_observable_gauge("gateway.extauth.ratelimit.top_keys", callbacks=[self._top_keys], unit="1")
         self._peaks: dict[str, float] = {}
+        self._unrecorded: list[tuple[Histogram, float]] = []
+
+    def _record_later(self, histogram: Histogram, value: float) -> None:
+        """Histogram values are recorded once the event loop has run what is ready, so after the checks
+        decided in this turn have been answered: a record() costs ~13 us of SDK plumbing (two per check, a
+        third of a check's Python time), which then no longer delays any answer."""
+        if not self._unrecorded:
+            try:
+                asyncio.get_running_loop().call_soon(self._record_pending)
+            except RuntimeError:  # no event loop (a synchronous caller): record now
+                histogram.record(value)
+                return
+        self._unrecorded.append((histogram, value))
+
+    def _record_pending(self) -> None:
+        pending, self._unrecorded = self._unrecorded, []
+        for histogram, value in pending:
+            histogram.record(value)
 
     def decided(self, decision: str, code: str, seconds: float) -> None:
         key = (decision, code)
         self._decided[key] = self._decided.get(key, 0) + 1
-        self._duration.record(seconds)
+        self._record_later(self._duration, seconds)
 
     def _decisions(self, _options: CallbackOptions) -> Iterable[Observation]:
         for (decision, code), count in list(self._decided.items()):
@@ -71,7 +90,7 @@ class ExtauthMetrics:
         self._failure_mode.add(1, {"mode": mode})
 
     def rate_limited(self, key_id: str, utilization: float) -> None:
-        self._utilization.record(utilization)
+        self._record_later(self._utilization, utilization)
         if utilization > self._peaks.get(key_id, -1.0):
             self._peaks[key_id] = utilization
             if len(self._peaks) > _TRACKED_KEYS:
