@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 
 from control.env import HostPort
@@ -13,8 +13,11 @@ def prometheus_provider(service_name: str) -> MeterProvider:
     serves, whichever HTTP server serves it)."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
+    # Prometheus's text format carries no exemplars, so none are sampled: the default filter looks up
+    # the current span on every histogram record (~5% of a record's cost, twice per ext_authz check).
     return MeterProvider(
-        metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": service_name})
+        metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": service_name}),
+        exemplar_filter=AlwaysOffExemplarFilter(),
     )
 
 

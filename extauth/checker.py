@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -26,7 +26,7 @@ log = logging.getLogger("extauth")
 class HotState(Protocol):
     """The one Redis call a check makes (extauth/redis_client.py)."""
 
-    async def decide(self, keys: list[str], args: list[Any]) -> list[int]: ...
+    async def decide(self, keys: Sequence[str], args: list[Any]) -> list[int]: ...
 
 
 def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, str]) -> Decision:
@@ -168,15 +168,7 @@ class Checker:
             else:
                 args.append(0)
             verdict = hotstate.parse_verdict(
-                await self._hot.decide(
-                    [
-                        hotstate.key_redis_key(key.key_id),
-                        hotstate.workspace_redis_key(workspace.workspace_id),
-                        hotstate.bucket_redis_key(key.key_id),
-                        hotstate.spend_redis_key(workspace.workspace_id),
-                    ],
-                    args,
-                )
+                await self._hot.decide(hotstate.decide_keys(key.key_id, workspace.workspace_id), args)
             )
             if verdict.status not in (hotstate.UNKNOWN, hotstate.STALE):
                 return verdict, key, workspace

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import orjson
+
 ALLOW = "allow"  # forward to the customer's endpoint
 DENY = "deny"  # answer the client with `status` and the OpenAI error `body`
 LOCAL = "local"  # answered by the gateway itself (`/v1/models`): `body` with status 200
@@ -51,5 +53,10 @@ class Decision:
         return self.meta.get("error_code")
 
     def meta_json(self) -> str:
-        # ensure_ascii escapes control characters and non-ASCII; DEL is ASCII yet no header may carry it.
-        return _COMPACT.encode(self.meta).replace("\x7f", "\\u007f")
+        # It travels as a header value: control characters, DEL and non-ASCII must all be escaped.
+        # orjson escapes control characters but writes non-ASCII as UTF-8; the values are nearly always
+        # ASCII (ids, routes, model names), and orjson takes a tenth of the stdlib encoder's time.
+        text = orjson.dumps(self.meta).decode()
+        if not text.isascii():
+            text = _COMPACT.encode(self.meta)  # ensure_ascii
+        return text.replace("\x7f", "\\u007f")

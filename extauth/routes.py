@@ -7,6 +7,7 @@ so no query string, dot-segment or encoded byte a client sends can reach RunPod 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -38,9 +39,14 @@ def split_path(raw: str) -> str:
 
 
 def upstream_path(endpoint_id: str, route: Route) -> str | None:
+    return _upstream_path(endpoint_id, route.name)
+
+
+@functools.lru_cache(maxsize=4096)  # a check's hot path: the same few deployments over and over
+def _upstream_path(endpoint_id: str, route_name: str) -> str | None:
     if _ENDPOINT_ID_RE.fullmatch(endpoint_id) is None:
         return None
-    return f"/v2/{endpoint_id}/openai/v1/{route.name}"
+    return f"/v2/{endpoint_id}/openai/v1/{route_name}"
 
 
 def path_segment(value: str) -> str:

@@ -8,6 +8,7 @@ x-envoy-* retry or timeout controls, forwarded-for chains) reaches routing or th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
@@ -22,7 +23,15 @@ _KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_H
 
 
 def headers_to_remove(client_headers: Iterable[str]) -> list[str]:
-    return [name for name in client_headers if not name.startswith(":") and name not in _KEPT]
+    return list(_to_remove(tuple(client_headers)))
+
+
+# A client sends the same header names on every request: the answer is kept per set of names. Few
+# sets are kept: a set of names can be as large as a header block (60 KiB), so this bounds the cache at
+# a few MiB even against clients that vary their headers on purpose.
+@functools.lru_cache(maxsize=128)
+def _to_remove(client_headers: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in client_headers if not name.startswith(":") and name not in _KEPT)
 
 
 def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple[str, str]]:
