@@ -7,13 +7,18 @@ production), except the streaming endpoint's prefix, which it proxies to the Run
 simulator streams real SSE chunks, and going through this same hop both ways keeps the TTFT comparison
 about the gateway alone.
 
+The fast upstream runs one worker thread: it stands in for a remote endpoint that costs this machine
+nothing, so the less of the shared cores it takes the closer a run is to production (one worker needs
+~20% less CPU per request than two here, and serves far more than any proxy in front of it can send).
+
 The bare baseline is the same binary with nothing but a router in front of the same upstream: the
 difference between it and the gateway is what the gateway's filters, ext_authz and access log cost.
 
 The trivial-authz ceilings are the bare baseline plus the shipped ext_authz filter, taken from
 envoy/envoy.yaml, calling a do-nothing Python ext_authz (bench/trivial_authz.py) over gRPC and over
 HTTP: what Envoy costs with an ext_authz that decides nothing, so the gateway's share of it is what its
-real work keeps.
+real work keeps. Both run as many worker threads as the gateway's own Envoy (GATEWAY_ENVOY_CONCURRENCY),
+so each comparison differs only in the filters.
 """
 
 from __future__ import annotations
@@ -130,9 +135,11 @@ def trivial_authz_config(
                                  "clusters": [_cluster("upstream", upstream_port), authz_cluster]}}
 
 
-def start(procs: Processes, name: str, envoy: str, config: dict[str, Any], directory: Path) -> Child:
+def start(
+    procs: Processes, name: str, envoy: str, config: dict[str, Any], directory: Path, concurrency: int
+) -> Child:
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     # No hot restart: these Envoys must not share a shared-memory base id with the gateway's own.
-    return procs.spawn(name, [envoy, "-c", str(path), "--log-level", "warning", "--disable-hot-restart"],
-                       {"PATH": "/usr/bin:/bin"})
+    return procs.spawn(name, [envoy, "-c", str(path), "--log-level", "warning", "--disable-hot-restart",
+                              "--concurrency", str(concurrency)], {"PATH": "/usr/bin:/bin"})

@@ -113,6 +113,7 @@ class Bench:
         self.services = services
         self.details: dict[str, Any] = {}
         self.upstream_port = 0
+        self.envoy_workers = 1
 
     # --- pieces ---------------------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class Bench:
         wait_for_port(authz_port, 20, authz)
         proxy = envoys.start(self.procs, f"trivial-envoy-{transport}", envoy,
                              envoys.trivial_authz_config(port, self.upstream_port, authz_port, ext_authz, transport),
-                             self.tmp)
+                             self.tmp, self.envoy_workers)
         wait_for_port(port, 20, proxy)
         say(f"throughput, Envoy with a do-nothing {transport} ext_authz")
         result, _ = self.throughput(f"ceiling_{transport}", port, script, {
@@ -237,13 +238,17 @@ class Bench:
         gateway = services.start_gateway(services.create_database("gateway"), f"http://127.0.0.1:{upstream_port}")
         tenant = services.provision(gateway)
         services.set_stream_delay(tenant.stream_endpoint, cfg.stream_delay_ms)
+        from control.settings import settings_for
         from control.stack import envoy_binary
 
         envoy = envoy_binary()
+        self.envoy_workers = settings_for(gateway.env).envoy_concurrency
+        self.details["envoy_workers"] = self.envoy_workers
         upstream = envoys.start(self.procs, "upstream-envoy", envoy, envoys.upstream_config(
-            upstream_port, f"/v2/{tenant.stream_endpoint}/", services.simulator_port), self.tmp)
+            upstream_port, f"/v2/{tenant.stream_endpoint}/", services.simulator_port), self.tmp, 1)
         wait_for_port(upstream_port, 20, upstream)
-        bare = envoys.start(self.procs, "bare-envoy", envoy, envoys.bare_config(bare_port, upstream_port), self.tmp)
+        bare = envoys.start(self.procs, "bare-envoy", envoy, envoys.bare_config(bare_port, upstream_port), self.tmp,
+                            self.envoy_workers)
         wait_for_port(bare_port, 20, bare)
         self.check_reply(bare_port, tenant.api_key)
         self.check_reply(gateway.listen_port, tenant.api_key)
@@ -254,7 +259,6 @@ class Bench:
         say(f"throughput, bare Envoy: wrk {cfg.connections} connections, {cfg.threads} threads, {cfg.duration_s:g} s")
         bare_wrk, _ = self.throughput("bare", bare_port, script, {
             "envoy": [bare.proc.pid], "upstream": [upstream.proc.pid]})
-        from control.settings import settings_for
 
         ext_authz = envoys.shipped_ext_authz(settings_for(gateway.env).envoy_config)
         ceilings = {transport: self.ceiling(transport, envoy, upstream, ext_authz, script)
@@ -409,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, rows, config, bench.details)
         title = (f"Gateway benchmark{' (quick)' if cfg.quick else ''}: wrk {cfg.connections} connections x "
                  f"{cfg.threads} threads x {cfg.duration_s:g} s; open loop {cfg.rate:g} req/s; "
-                 f"soak {cfg.soak_s:g} s at {cfg.soak_rate:g} req/s; {os.cpu_count()} CPUs")
+                 f"soak {cfg.soak_s:g} s at {cfg.soak_rate:g} req/s; {os.cpu_count()} CPUs; "
+                 f"{bench.envoy_workers} Envoy worker(s)")
         print(table(rows, title), flush=True)
         print(f"written to {out}", flush=True)
     except KeyboardInterrupt:

@@ -120,7 +120,7 @@ class Stack:
         self._spawn("envoy", [
             envoy_binary(), "-c", str(config), "--log-level", "warning",
             "--file-flush-interval-msec", str(ENVOY_FLUSH_MS), "--restart-epoch", str(self._epoch),
-            "--drain-time-s", "2", "--parent-shutdown-time-s", "4", *base_id,
+            "--drain-time-s", "2", "--parent-shutdown-time-s", "4", "--concurrency", str(s.envoy_concurrency), *base_id,
         ], env, cwd=s.envoy_config.parent.parent)
 
     def _publish_pids(self) -> None:

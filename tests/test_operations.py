@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from control.settings import read_runtime
+from control.env import SettingsError
+from control.settings import ControlSettings, default_envoy_concurrency, read_runtime
 from control.stack import extauth_hosts_healthy
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
 from tests.support import call, envoy_copy, wait_until
@@ -64,7 +65,9 @@ def ops_gateway(
     operator_config: Path,
 ) -> Iterator[Gateway]:
     yield from start_gateway(tmp_path_factory.mktemp("gw-ops"), database_url, redis_url, simulator.url,
-                             {"EXTAUTH_REPLICAS": "2", "GATEWAY_ENVOY_CONFIG": str(operator_config)})
+                             {"EXTAUTH_REPLICAS": "2", "GATEWAY_ENVOY_CONFIG": str(operator_config),
+                              # More workers than this machine's cores, so the figure can only be the setting's.
+                              "GATEWAY_ENVOY_CONCURRENCY": "3"})
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,23 @@ def ops_tenant(ops_gateway: Gateway, simulator: Simulator) -> Tenant:
     ops_gateway.ctl_json("workspace", "set-plan", t.workspace_id, "enterprise",
                          "--rpm-default", "1000000", "--rpm-ceiling", "1000000")
     return t
+
+
+def test_envoy_runs_the_configured_workers_and_one_per_core_by_default(
+    ops_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = call("GET", f"{ops_gateway.admin}/server_info").json()
+    assert info["command_line_options"]["concurrency"] == 3
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert default_envoy_concurrency() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set())
+    assert default_envoy_concurrency() == 1  # never none
+    monkeypatch.setenv("GATEWAY_ENVOY_CONCURRENCY", "4")
+    assert ControlSettings.from_env(use_runtime=False).envoy_concurrency == 4
+    monkeypatch.setenv("GATEWAY_ENVOY_CONCURRENCY", "0")
+    with pytest.raises(SettingsError, match="GATEWAY_ENVOY_CONCURRENCY"):
+        ControlSettings.from_env(use_runtime=False)
 
 
 def test_rolling_restart_of_extauth_loses_no_request(ops_gateway: Gateway, ops_tenant: Tenant) -> None:
