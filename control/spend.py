@@ -13,6 +13,7 @@ import redis
 from control import workspaces
 from control.context import DB, Context
 from control.errors import ControlError
+from control.money import usd as money
 from extauth.hotstate import spend_redis_key
 
 
@@ -52,7 +53,7 @@ def set_limit(ctx: Context, ws_ref: str, usd: Decimal | None) -> dict[str, Any]:
         raise ControlError("invalid_limit", "a spend limit is a non-negative amount of US dollars")
     ctx.db.execute("UPDATE workspaces SET spend_limit_usd = %s WHERE id = %s", (usd, ws["id"]))
     at_limit = refresh_flags(ctx.db, ctx.redis, [ws["id"]])[ws["id"]]
-    return {"workspace_id": ws["id"], "spend_limit_usd": None if usd is None else str(usd), "at_limit": at_limit}
+    return {"workspace_id": ws["id"], "spend_limit_usd": None if usd is None else money(usd), "at_limit": at_limit}
 
 
 def set_price(ctx: Context, scope: str, ref: str, input_usd: Decimal, output_usd: Decimal) -> dict[str, Any]:
@@ -64,4 +65,5 @@ def set_price(ctx: Context, scope: str, ref: str, input_usd: Decimal, output_usd
         " output_usd_per_mtok = excluded.output_usd_per_mtok",
         (scope, ref, input_usd, output_usd),
     )
-    return {"scope": scope, "ref": ref, "input_usd_per_mtok": str(input_usd), "output_usd_per_mtok": str(output_usd)}
+    return {"scope": scope, "ref": ref, "input_usd_per_mtok": money(input_usd),
+            "output_usd_per_mtok": money(output_usd)}

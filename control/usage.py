@@ -12,6 +12,7 @@ from typing import Any
 
 from control import workspaces
 from control.context import Context
+from control.money import usd
 from control.spend import billing_month
 
 PERIODS = 3
@@ -45,7 +46,7 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
     while day < end.date():
         cost, inp, out = daily.get(day, (Decimal(0), 0, 0))
         days.append(
-            {"date": day.isoformat(), "cost_usd": str(cost), "input_tokens": int(inp), "output_tokens": int(out)}
+            {"date": day.isoformat(), "cost_usd": usd(cost), "input_tokens": int(inp), "output_tokens": int(out)}
         )
         day += timedelta(days=1)
 
@@ -57,7 +58,7 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
             args,
         ).fetchall()
         return [
-            {column: name, "requests": n, "input_tokens": int(i), "output_tokens": int(o), "cost_usd": str(c),
+            {column: name, "requests": n, "input_tokens": int(i), "output_tokens": int(o), "cost_usd": usd(c),
              "errors": e, "includes_estimates": bool(est)}
             for name, n, i, o, c, e, est in rows
         ]
@@ -81,7 +82,7 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
         "requests": total[0],
         "input_tokens": int(total[1]),
         "output_tokens": int(total[2]),
-        "cost_usd": str(total[3]),
+        "cost_usd": usd(total[3]),
         "errors": errors,
         "daily": days,
         "models": grouped("model"),

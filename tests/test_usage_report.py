@@ -4,6 +4,7 @@ JSON, in the terminal view and in the SVG chart."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -63,6 +64,12 @@ def test_report_over_three_billing_periods(gateway: Gateway, simulator: Simulato
     text = usage.render_text(result)
     assert text.splitlines()[0].startswith("2026-11 |") and "$0.0020" in text.splitlines()[0]
 
+    # Money is a plain decimal string with six places everywhere, a zero sum included (never "0E-9").
+    costs = re.findall(r'"cost_usd": "([^"]*)"', json.dumps(result))
+    assert costs and all(re.fullmatch(r"\d+\.\d{6}", c) for c in costs), sorted(set(costs))
+    assert {m["model"]: m["cost_usd"] for m in sep["models"]}["m2"] == "0.000000"
+    assert nov["cost_usd"] == "0.002000"
+
 
 def test_usage_command_prints_json_and_a_chart_path(gateway: Gateway, simulator: Simulator) -> None:
     t = make_tenant(gateway, simulator)
@@ -72,3 +79,12 @@ def test_usage_command_prints_json_and_a_chart_path(gateway: Gateway, simulator:
     text = gateway.ctl("usage", t.workspace_id)
     assert text.returncode == 0 and "chart: " in text.stdout
     assert json.dumps(result)  # one JSON object
+    assert result["periods"][0]["cost_usd"] == "0.000000"
+
+
+def test_money_in_json_has_fixed_places(gateway: Gateway, simulator: Simulator) -> None:
+    t = make_tenant(gateway, simulator)
+    limit = gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "12.5")
+    assert limit["spend_limit_usd"] == "12.500000"
+    price = gateway.ctl_json("prices", "set", "fixed-places-model", "--input", "0.15", "--output", "1E+1")
+    assert (price["input_usd_per_mtok"], price["output_usd_per_mtok"]) == ("0.150000", "10.000000")
