@@ -146,7 +146,7 @@ class Checker:
         if verdict is not None and verdict.limit:
             self._metrics.rate_limited(key.key_id, ratelimit.utilization(verdict))
         if verdict is not None and verdict.status == hotstate.OVER_LIMIT:
-            return _deny(errors.rate_limited(verdict.limit), limit_headers, meta)
+            return _deny(errors.rate_limited(verdict.limit, ratelimit.retry_after_s(verdict)), limit_headers, meta)
 
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from extauth.ratelimit import burst
+
 INVALID_REQUEST = "invalid_request_error"
 
 
@@ -67,21 +69,26 @@ def wrong_route_for_model(model: str, route: str) -> Denial:
     )
 
 
+UNAVAILABLE_RETRY_S = 1
+
+
 def gateway_unavailable() -> Denial:
     return Denial(
         503,
         "gateway_unavailable",
-        "The gateway is temporarily unable to authorize requests. Retry after the time in Retry-After.",
+        f"The gateway is temporarily unable to authorize requests. Retry in {UNAVAILABLE_RETRY_S} s.",
         type="server_error",
-        headers=(("retry-after", "1"),),
+        headers=(("retry-after", str(UNAVAILABLE_RETRY_S)),),
     )
 
 
-def rate_limited(limit: int) -> Denial:
+def rate_limited(limit: int, retry_after_s: int) -> Denial:
+    # SDK users see the message, not the Retry-After header: it carries the wait and the bucket's shape.
     return Denial(
         429,
         "rate_limit_exceeded",
-        f"Rate limit reached for this API key: {limit} requests per minute. Retry after the time in Retry-After.",
+        f"Rate limit reached for this API key: {limit} requests per minute, in bursts of at most "
+        f"{burst(limit)}. Retry in {retry_after_s} s, or ask for a higher limit (`gatewayctl keys set-limit`).",
         type="requests",
     )
 

@@ -18,6 +18,13 @@ def burst(limit: int) -> int:
     return max(1, limit // 10)
 
 
+def retry_after_s(verdict: Verdict) -> int:
+    """Whole seconds until the request would be admitted, never shorter than the real wait (0: now)."""
+    if verdict.retry_after_us <= 0:
+        return 0
+    return max(1, math.ceil(verdict.retry_after_us / 1_000_000))
+
+
 def headers(verdict: Verdict) -> list[tuple[str, str]]:
     limit = verdict.limit
     window_s = max(1, round(burst(limit) * 60 / limit))
@@ -30,7 +37,7 @@ def headers(verdict: Verdict) -> list[tuple[str, str]]:
         ("ratelimit", f'"{POLICY_NAME}";r={verdict.remaining};t={reset_in_s}'),
     ]
     if verdict.retry_after_us > 0:
-        out.append(("retry-after", str(max(1, math.ceil(verdict.retry_after_us / 1_000_000)))))
+        out.append(("retry-after", str(retry_after_s(verdict))))
     return out
 
 

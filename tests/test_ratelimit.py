@@ -133,6 +133,21 @@ def test_retry_after_is_exact_enough_to_succeed(gateway: Gateway, tenant: Tenant
     assert call("GET", f"{gateway.base_url}/models", key=key).status == 200
 
 
+def test_an_sdk_user_reads_the_wait_and_the_limit_in_the_429_message(gateway: Gateway, tenant: Tenant) -> None:
+    """SDK users see the error's message, never the Retry-After header: the message must carry both."""
+    _key_id, key = new_key(gateway, tenant, 20)  # burst 2
+    sdk = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    for _ in range(2):
+        sdk.models.list()
+    with pytest.raises(openai.RateLimitError) as refused:
+        sdk.models.list()
+    wait = refused.value.response.headers["Retry-After"]
+    message = refused.value.message
+    assert f"Retry in {wait} s" in message, message
+    assert "20 requests per minute, in bursts of at most 2" in message, message
+    assert refused.value.code == "rate_limit_exceeded"
+
+
 def test_openai_sdk_backs_off_on_retry_after_and_succeeds(gateway: Gateway, tenant: Tenant) -> None:
     _key_id, key = new_key(gateway, tenant, 60)  # burst 6, one per second
     for _ in range(6):
