@@ -19,6 +19,7 @@ from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.plans import PLANS
 from control.settings import ControlSettings
+from extauth.ratelimit import burst
 
 Handler = Callable[[Context, argparse.Namespace], Any]
 
@@ -45,6 +46,8 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
 
 
 COMMANDS: dict[tuple[str, ...], Handler] = {
+    ("workspace", "list"): lambda ctx, a: {"workspaces": workspaces.list_all(ctx)},
+    ("workspace", "show"): lambda ctx, a: workspaces.show(ctx, a.workspace),
     ("workspace", "create"): lambda ctx, a: workspaces.create(ctx, a.name, a.plan),
     ("workspace", "set-plan"): lambda ctx, a: workspaces.set_plan(
         ctx, a.workspace, a.plan, a.rpm_default, a.rpm_ceiling
@@ -60,88 +63,197 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
-    ("status",): lambda ctx, a: deployments.status(ctx, a.deployment),
-    ("teardown",): lambda ctx, a: deployments.teardown(ctx, a.deployment),
+    ("status",): lambda ctx, a: deployments.status(ctx, a.deployment, a.workspace),
+    ("teardown",): lambda ctx, a: deployments.teardown(ctx, a.deployment, a.workspace),
+    ("deployments", "list"): lambda ctx, a: {"deployments": deployments.list_deployments(ctx, a.workspace, a.all)},
 }
+
+
+WS = "workspace name or id"
+Formatter = argparse.RawDescriptionHelpFormatter
+
+
+def _doc(summary: str, *examples: str, about: str = "") -> dict[str, Any]:
+    """A subcommand's help: its one line in the parent's list, and a --help page with examples."""
+    return {
+        "help": summary,
+        "description": f"{summary[0].upper()}{summary[1:]}.{chr(10) * 2 + about if about else ''}",
+        "epilog": "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None,
+        "formatter_class": Formatter,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object")
-    parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="gatewayctl", description=__doc__, formatter_class=Formatter,
+        epilog="A first hour:\n"
+        "  gatewayctl workspace create acme --plan pro\n"
+        "  gatewayctl keys create acme --name backend        # prints the key once\n"
+        "  gatewayctl runpod link acme < runpod-key.txt\n"
+        "  gatewayctl deploy acme --model Qwen/Qwen2.5-0.5B-Instruct --modality llm --name chat\n"
+        "  gatewayctl status chat --workspace acme\n"
+        "Every command has its own --help with examples (gatewayctl keys create --help).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", parents=[common], help="run the whole stack in the foreground")
-    up.add_argument("--demo", action="store_true", help="start the RunPod simulator and seed a demo")
+    up = sub.add_parser("up", parents=[common], **_doc(
+        "run the whole stack in the foreground", "gatewayctl up --demo",
+        "GATEWAY_LISTEN=127.0.0.1:8081 GATEWAY_ADMIN=127.0.0.1:9902 gatewayctl up",
+        about="Envoy, ext_authz, the meter and, unless DATABASE_URL / REDIS_URL are set, an embedded\n"
+        "PostgreSQL and Redis under $GATEWAY_STATE_DIR. It holds the terminal: run other commands in a\n"
+        "second one. Ctrl-C stops everything, Envoy first."))
+    up.add_argument("--demo", action="store_true",
+                    help="start the RunPod simulator and seed (or reuse) the demo workspace, models and key")
 
-    sub.add_parser("reload", parents=[common], help="validate envoy.yaml and hot-restart the running Envoy")
-    sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
+    sub.add_parser("reload", parents=[common], **_doc(
+        "validate envoy.yaml and hot-restart the running Envoy", "gatewayctl reload",
+        about="A file that does not validate is refused and the running config keeps serving."))
+    sub.add_parser("migrate", parents=[common], **_doc(
+        "apply pending database migrations", "DATABASE_URL=postgresql://... gatewayctl migrate",
+        about="`gatewayctl up` does this on start."))
 
-    ws = sub.add_parser("workspace", help="workspaces and plans").add_subparsers(dest="action", required=True)
-    p = ws.add_parser("create", parents=[common])
-    p.add_argument("name")
-    p.add_argument("--plan", choices=list(PLANS), required=True)
-    p = ws.add_parser("set-plan", parents=[common])
-    p.add_argument("workspace")
-    p.add_argument("plan", choices=list(PLANS))
-    p.add_argument("--rpm-default", type=int)
-    p.add_argument("--rpm-ceiling", type=int)
+    ws = sub.add_parser("workspace", **_doc("workspaces, plans and spend caps")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    ws.add_parser("list", parents=[common], **_doc(
+        "list every workspace with its plan, active keys and live deployments", "gatewayctl workspace list"))
+    p = ws.add_parser("show", parents=[common], **_doc(
+        "one workspace: plan, key limits, spend cap, RunPod link", "gatewayctl workspace show demo"))
+    p.add_argument("workspace", help=WS)
+    p = ws.add_parser("create", parents=[common], **_doc(
+        "create a workspace on a plan", "gatewayctl workspace create acme --plan pro",
+        about="Plans (a key's requests per minute by default, its burst, and the most it may be given):\n" + "\n".join(
+            f"  {n:<11} {pl.rpm_default}/min, burst {burst(pl.rpm_default)}, up to {pl.rpm_ceiling}/min"
+            f"{'' if pl.can_mint_keys else '; no API keys'}{'' if pl.byoc_allowed else '; no own RunPod account'}"
+            for n, pl in PLANS.items())))
+    p.add_argument("name", help="a unique name, 1 to 100 characters")
+    p.add_argument("--plan", choices=list(PLANS), required=True, help="see the plans above")
+    p = ws.add_parser("set-plan", parents=[common], **_doc(
+        "change a workspace's plan", "gatewayctl workspace set-plan acme team",
+        "gatewayctl workspace set-plan acme enterprise --rpm-default 20000 --rpm-ceiling 50000"))
+    p.add_argument("workspace", help=WS)
+    p.add_argument("plan", choices=list(PLANS), help="the new plan")
+    p.add_argument("--rpm-default", type=int, help="enterprise only: a new key's requests per minute")
+    p.add_argument("--rpm-ceiling", type=int, help="enterprise only: the most a key may be given")
 
-    p = ws.add_parser("set-spend-limit", parents=[common], help="monthly cap on managed inference spend")
-    p.add_argument("workspace")
+    p = ws.add_parser("set-spend-limit", parents=[common], **_doc(
+        "monthly cap on managed inference spend", "gatewayctl workspace set-spend-limit acme 250",
+        "gatewayctl workspace set-spend-limit acme none"))
+    p.add_argument("workspace", help=WS)
     p.add_argument("usd", type=_usd_or_none, help="US dollars per month, or `none`")
 
-    pr = sub.add_parser("prices", help="per-token prices of managed models").add_subparsers(
+    pr = sub.add_parser("prices", **_doc("per-token prices of managed models")).add_subparsers(
         dest="action", required=True)
-    p = pr.add_parser("set", parents=[common])
+    p = pr.add_parser("set", parents=[common], **_doc(
+        "set a managed model's price per million tokens", "gatewayctl prices set chat --input 0.15 --output 0.60",
+        "gatewayctl prices set dep_0123 --deployment --input 0.10 --output 0.40"))
     p.add_argument("ref", help="a public model name, or a deployment id with --deployment")
-    p.add_argument("--deployment", dest="scope", action="store_const", const="deployment", default="model")
+    p.add_argument("--deployment", dest="scope", action="store_const", const="deployment", default="model",
+                   help="price one deployment (its own price beats its model's)")
     p.add_argument("--input", type=Decimal, required=True, help="USD per million input tokens")
     p.add_argument("--output", type=Decimal, required=True, help="USD per million output tokens")
 
-    ks = sub.add_parser("keys", help="gateway API keys").add_subparsers(dest="action", required=True)
-    p = ks.add_parser("create", parents=[common], help="mint a key (printed once)")
-    p.add_argument("workspace")
-    p.add_argument("--name", default="")
+    ks = sub.add_parser("keys", **_doc("gateway API keys")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = ks.add_parser("create", parents=[common], **_doc(
+        "mint a key (printed once)", "gatewayctl keys create acme --name backend",
+        "gatewayctl keys create acme --name batch --rpm 100"))
+    p.add_argument("workspace", help=WS)
+    p.add_argument("--name", default="", help="a label to recognise the key by")
     p.add_argument("--rpm", type=int, help="requests per minute (default: the plan's)")
-    p = ks.add_parser("list", parents=[common])
-    p.add_argument("workspace")
-    p = ks.add_parser("revoke", parents=[common])
-    p.add_argument("key_id")
-    p = ks.add_parser("set-limit", parents=[common])
-    p.add_argument("key_id")
-    p.add_argument("rpm", type=int)
+    p = ks.add_parser("list", parents=[common], **_doc(
+        "list a workspace's keys with their limit and last use", "gatewayctl keys list acme",
+        about="rpm_limit is the key's requests per minute and burst what it may send at once; last_used_at\n"
+        "is the start of its latest metered request."))
+    p.add_argument("workspace", help=WS)
+    p = ks.add_parser("revoke", parents=[common], **_doc(
+        "revoke a key: refused on its next request", "gatewayctl keys revoke key_0123"))
+    p.add_argument("key_id", help="the key's id (`keys list` shows them)")
+    p = ks.add_parser("set-limit", parents=[common], **_doc(
+        "change a key's requests per minute, up to the plan's ceiling", "gatewayctl keys set-limit key_0123 800"))
+    p.add_argument("key_id", help="the key's id (`keys list` shows them)")
+    p.add_argument("rpm", type=int, help="requests per minute")
 
-    rp = sub.add_parser("runpod", help="the workspace's RunPod key").add_subparsers(dest="action", required=True)
-    p = rp.add_parser("link", parents=[common], help="link a RunPod key read from stdin")
-    p.add_argument("workspace")
-    p = rp.add_parser("unlink", parents=[common])
-    p.add_argument("workspace")
+    rp = sub.add_parser("runpod", **_doc("the workspace's RunPod key")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = rp.add_parser("link", parents=[common], **_doc(
+        "link a RunPod key read from stdin", "gatewayctl runpod link acme            # asks for it, no echo",
+        "gatewayctl runpod link acme < runpod-key.txt",
+        about="The key is validated live, stored sealed and never shown again."))
+    p.add_argument("workspace", help=WS)
+    p = rp.add_parser("unlink", parents=[common], **_doc(
+        "forget the workspace's RunPod key", "gatewayctl runpod unlink acme"))
+    p.add_argument("workspace", help=WS)
 
-    mk = sub.add_parser("master-key", help="the master keyring").add_subparsers(dest="action", required=True)
-    p = mk.add_parser("rotate", parents=[common], help="add a master-key version and re-seal every stored key")
+    mk = sub.add_parser("master-key", **_doc("the master keyring")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = mk.add_parser("rotate", parents=[common], **_doc(
+        "add a master-key version and re-seal every stored key", "gatewayctl master-key rotate",
+        "gatewayctl master-key rotate --retire-old"))
     p.add_argument("--retire-old", action="store_true", help="then drop the older versions")
 
-    p = sub.add_parser("deploy", parents=[common], help="deploy a model on the workspace's RunPod")
-    p.add_argument("workspace")
+    p = sub.add_parser("deploy", parents=[common], **_doc(
+        "deploy a model on the workspace's RunPod",
+        "gatewayctl deploy acme --model Qwen/Qwen2.5-0.5B-Instruct --modality llm --name chat",
+        "gatewayctl deploy acme --model BAAI/bge-small-en-v1.5 --modality embedding --dry-run"))
+    p.add_argument("workspace", help=WS)
     p.add_argument("--model", required=True, help="Hugging Face model id")
-    p.add_argument("--modality", required=True, choices=["llm", "embedding", "image", "speech", "voice"])
+    p.add_argument("--modality", required=True, choices=["llm", "embedding", "image", "speech", "voice"],
+                   help="llm and embedding run on your own RunPod; every modality on the managed destination")
     p.add_argument("--name", help="the model name clients send (default: --model)")
     p.add_argument("--destination", choices=["runpod", "managed"], default="runpod",
                    help="the workspace's own RunPod account (default) or the managed destination")
     p.add_argument("--gpu", action="append", help="GPU pool, in order of preference (default ADA_24)")
-    p.add_argument("--workers-max", type=int, default=3)
+    p.add_argument("--workers-max", type=int, default=3, help="most workers the endpoint scales to (default 3)")
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")
     p.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the endpoint")
     p.add_argument("--dry-run", action="store_true", help="print what would be created and its projected cost")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
-    p = sub.add_parser("usage", parents=[common], help="usage and cost: this billing period and the two before")
-    p.add_argument("workspace")
-    for name in ("status", "teardown"):
-        p = sub.add_parser(name, parents=[common])
-        p.add_argument("deployment")
+    p = sub.add_parser("usage", parents=[common], **_doc(
+        "usage and cost: this billing period and the two before", "gatewayctl usage acme",
+        "gatewayctl usage acme --json"))
+    p.add_argument("workspace", help=WS)
+
+    dp = sub.add_parser("deployments", **_doc("a workspace's deployments")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = dp.add_parser("list", parents=[common], **_doc(
+        "list a workspace's deployments", "gatewayctl deployments list acme",
+        "gatewayctl deployments list acme --all     # torn-down ones too"))
+    p.add_argument("workspace", help=WS)
+    p.add_argument("--all", action="store_true", help="include deleted deployments")
+    for name, summary in (("status", "RunPod's view of a deployment: ready, initializing, throttled, unhealthy"
+                                     " or unreachable"),
+                          ("teardown", "stop a deployment's traffic, then delete its RunPod endpoint and template")):
+        p = sub.add_parser(name, parents=[common], **_doc(
+            summary, f"gatewayctl {name} chat --workspace acme", f"gatewayctl {name} dep_0123",
+            about="A deployment is named by its id or by the model name clients send; a name live in several\n"
+            "workspaces needs --workspace."))
+        p.add_argument("deployment", help="deployment id (dep_...) or public model name")
+        p.add_argument("--workspace", "-w", help=f"{WS} the model name belongs to")
     return parser
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+
+
+def _print_table(title: str, rows: list[Any]) -> None:
+    """A list as aligned columns, one row per item, headed by its fields' names."""
+    if not rows:
+        print(f"{title}: none")
+        return
+    if not all(isinstance(row, dict) for row in rows):
+        print(f"{title}: {', '.join(map(_cell, rows))}")
+        return
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    cells = [columns, *[[_cell(row.get(name)) for name in columns] for row in rows]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 def _print(result: Any, as_json: bool) -> None:
@@ -154,10 +266,9 @@ def _print(result: Any, as_json: bool) -> None:
     if isinstance(result, dict):
         for key, value in result.items():
             if isinstance(value, list):
-                for item in value:
-                    print(json.dumps(item, default=str))
+                _print_table(key, value)
             else:
-                print(f"{key}: {value}")
+                print(f"{key}: {json.dumps(value, default=str) if isinstance(value, dict | list) else value}")
     if isinstance(result, dict) and "key" in result:
         print("Store this key now: it is not shown again.", file=sys.stderr)
 

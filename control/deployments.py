@@ -219,11 +219,47 @@ def classify(client: RunPodClient, endpoint_id: str) -> str:
     return "ready"  # scaled to zero: the next request starts a worker
 
 
-def _load(ctx: Context, dep_ref: str) -> tuple[str, str, str | None, str | None, str, RunPodClient]:
+def list_deployments(ctx: Context, ws_ref: str, include_deleted: bool = False) -> list[dict[str, Any]]:
+    ws = workspaces.resolve(ctx, ws_ref)
+    rows = ctx.db.execute(
+        "SELECT id, public_name, model, modality, destination, state, endpoint_id, created_at FROM deployments"
+        " WHERE workspace_id = %s AND (%s OR state <> 'deleted') ORDER BY created_at",
+        (ws["id"], include_deleted),
+    ).fetchall()
+    names = ("id", "name", "model", "modality", "destination", "state", "endpoint_id")
+    return [{**dict(zip(names, row[:-1], strict=True)), "created_at": row[-1].isoformat()} for row in rows]
+
+
+def find(ctx: Context, ref: str, ws_ref: str | None = None) -> str:
+    """The id of a live deployment named by its id or by the public name clients send, within `ws_ref`
+    when given. A name live in several workspaces is refused, listing them, rather than guessed."""
+    ws_id = workspaces.resolve(ctx, ws_ref)["id"] if ws_ref else None
+    rows = ctx.db.execute(
+        "SELECT d.id, w.name FROM deployments d JOIN workspaces w ON w.id = d.workspace_id"
+        " WHERE (d.id = %s OR d.public_name = %s) AND d.state <> 'deleted'"
+        " AND (%s::text IS NULL OR d.workspace_id = %s) ORDER BY w.name",
+        (ref, ref, ws_id, ws_id),
+    ).fetchall()
+    if any(dep_id == ref for dep_id, _ in rows):
+        return ref
+    if len(rows) == 1:
+        return str(rows[0][0])
+    if not rows:
+        where = f" in workspace {ws_ref!r}" if ws_ref else ""
+        raise ControlError("deployment_not_found", f"no live deployment {ref!r}{where}; "
+                           "`gatewayctl deployments list WS` lists a workspace's deployments")
+    candidates = ", ".join(f"{ws_name} ({dep_id})" for dep_id, ws_name in rows)
+    raise ControlError("deployment_ambiguous", f"{ref!r} is live in {len(rows)} workspaces: {candidates}; "
+                       "name one with --workspace WS, or give the deployment id")
+
+
+def _load(
+    ctx: Context, dep_ref: str, ws_ref: str | None = None
+) -> tuple[str, str, str | None, str | None, str, RunPodClient]:
     row = ctx.db.execute(
         "SELECT d.id, d.workspace_id, d.template_id, d.endpoint_id, d.state, d.destination FROM deployments d"
         " WHERE d.id = %s AND d.state <> 'deleted'",
-        (dep_ref,),
+        (find(ctx, dep_ref, ws_ref),),
     ).fetchone()
     if row is None:
         raise ControlError("deployment_not_found", f"no live deployment {dep_ref!r}")
@@ -231,14 +267,14 @@ def _load(ctx: Context, dep_ref: str) -> tuple[str, str, str | None, str | None,
     return row[0], row[1], row[2], row[3], row[4], client
 
 
-def status(ctx: Context, dep_ref: str) -> dict[str, Any]:
-    dep_id, ws_id, _template_id, endpoint_id, state, client = _load(ctx, dep_ref)
+def status(ctx: Context, dep_ref: str, ws_ref: str | None = None) -> dict[str, Any]:
+    dep_id, ws_id, _template_id, endpoint_id, state, client = _load(ctx, dep_ref, ws_ref)
     health = classify(client, endpoint_id) if endpoint_id else "unreachable"
     return {"id": dep_id, "workspace_id": ws_id, "endpoint_id": endpoint_id, "state": state, "health": health}
 
 
-def teardown(ctx: Context, dep_ref: str) -> dict[str, Any]:
-    dep_id, ws_id, template_id, endpoint_id, _state, client = _load(ctx, dep_ref)
+def teardown(ctx: Context, dep_ref: str, ws_ref: str | None = None) -> dict[str, Any]:
+    dep_id, ws_id, template_id, endpoint_id, _state, client = _load(ctx, dep_ref, ws_ref)
     # Traffic stops first: once `deleting` is published no request is signed for the endpoint.
     with hotsync.changing(ctx) as change:
         ctx.db.execute("UPDATE deployments SET state = 'deleting' WHERE id = %s", (dep_id,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from control import apikeys, hotsync, workspaces
@@ -9,6 +10,7 @@ from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
 from control.plans import PLANS
+from extauth.ratelimit import burst
 
 
 def _check_limit(ws: dict[str, Any], rpm: int | None) -> None:
@@ -46,23 +48,32 @@ def create(ctx: Context, ws_ref: str, name: str = "", rpm: int | None = None) ->
 
 
 def list_keys(ctx: Context, ws_ref: str) -> list[dict[str, Any]]:
+    """The workspace's keys, each with the limit it gets and when it was last used (the start of its
+    latest metered request; None if it never made one)."""
     ws = workspaces.resolve(ctx, ws_ref)
+    last_used: dict[str, datetime] = dict(ctx.db.execute(
+        "SELECT key_id, max(start_time) FROM usage_events WHERE workspace_id = %s GROUP BY key_id", (ws["id"],)
+    ).fetchall())
     rows = ctx.db.execute(
         "SELECT id, name, key_hint, rpm_limit, created_at, revoked_at FROM api_keys"
         " WHERE workspace_id = %s ORDER BY created_at",
         (ws["id"],),
     ).fetchall()
-    return [
-        {
+    out = []
+    for key_id, name, hint, rpm, created, revoked in rows:
+        limit = min(rpm or ws["rpm_default"], ws["rpm_ceiling"])
+        used = last_used.get(key_id)
+        out.append({
             "id": key_id,
             "name": name,
             "hint": hint,
-            "rpm_limit": min(rpm or ws["rpm_default"], ws["rpm_ceiling"]),
+            "rpm_limit": limit,
+            "burst": burst(limit),
             "created_at": created.isoformat(),
+            "last_used_at": used.isoformat() if used else None,
             "revoked": revoked is not None,
-        }
-        for key_id, name, hint, rpm, created, revoked in rows
-    ]
+        })
+    return out
 
 
 def _key_workspace(ctx: Context, key_id: str) -> str:

@@ -8,7 +8,9 @@ from control import hotsync
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
+from control.money import usd
 from control.plans import PLANS, effective_limits
+from extauth.ratelimit import burst
 
 
 def _plan(plan: str) -> str:
@@ -28,6 +30,52 @@ def resolve(ctx: Context, ref: str) -> dict[str, Any]:
     ws_id, name, plan, rpm_default, rpm_ceiling = row
     default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
     return {"id": ws_id, "name": name, "plan": plan, "rpm_default": default, "rpm_ceiling": ceiling}
+
+
+def list_all(ctx: Context) -> list[dict[str, Any]]:
+    """Every workspace with its plan and how many active keys and live deployments it has."""
+    rows = ctx.db.execute(
+        "SELECT w.id, w.name, w.plan, w.created_at,"
+        " (SELECT count(*) FROM api_keys k WHERE k.workspace_id = w.id AND k.revoked_at IS NULL),"
+        " (SELECT count(*) FROM deployments d WHERE d.workspace_id = w.id AND d.state <> 'deleted')"
+        " FROM workspaces w ORDER BY w.name"
+    ).fetchall()
+    return [
+        {"id": ws_id, "name": name, "plan": plan, "active_keys": active_keys, "live_deployments": live,
+         "created_at": created.isoformat()}
+        for ws_id, name, plan, created, active_keys, live in rows
+    ]
+
+
+def show(ctx: Context, ref: str) -> dict[str, Any]:
+    """One workspace as an operator needs it: plan and the limits it gives a key, spend cap, RunPod link,
+    keys and deployments."""
+    ws = resolve(ctx, ref)
+    row = ctx.db.execute(
+        "SELECT w.created_at, w.spend_limit_usd, c.account_id, c.linked_at, c.rejected_at,"
+        " (SELECT count(*) FROM api_keys k WHERE k.workspace_id = w.id AND k.revoked_at IS NULL),"
+        " (SELECT count(*) FROM api_keys k WHERE k.workspace_id = w.id AND k.revoked_at IS NOT NULL),"
+        " (SELECT count(*) FROM deployments d WHERE d.workspace_id = w.id AND d.state <> 'deleted')"
+        " FROM workspaces w LEFT JOIN runpod_credentials c ON c.workspace_id = w.id WHERE w.id = %s",
+        (ws["id"],),
+    ).fetchone()
+    assert row is not None
+    created, spend_limit, account_id, linked_at, rejected_at, active_keys, revoked_keys, live = row
+    plan = PLANS[ws["plan"]]
+    return {
+        **ws,
+        "burst_default": burst(ws["rpm_default"]),
+        "can_mint_keys": plan.can_mint_keys,
+        "byoc_allowed": plan.byoc_allowed,
+        "spend_limit_usd": None if spend_limit is None else usd(spend_limit),
+        "runpod_account_id": account_id,
+        "runpod_linked_at": linked_at.isoformat() if linked_at else None,
+        "runpod_key_rejected": rejected_at is not None,
+        "active_keys": active_keys,
+        "revoked_keys": revoked_keys,
+        "live_deployments": live,
+        "created_at": created.isoformat(),
+    }
 
 
 def create(ctx: Context, name: str, plan: str) -> dict[str, Any]:
