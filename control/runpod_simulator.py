@@ -36,6 +36,7 @@ Simulated behaviour worth knowing
     hits worker-served routes (runsync, run, openai); `http500` and `unauthorized` hit every inference route.
 
 Run: python -m control.runpod_simulator [--host 127.0.0.1] [--port 0] [--accounts FILE] [--port-file FILE]
+     [--state FILE]   (templates and endpoints: read at start if present, written at shutdown)
 """
 
 from __future__ import annotations
@@ -310,6 +311,20 @@ class Simulator:
         self.fail_next: list[dict[str, Any]] = []
         for spec in accounts:
             self.add_account(spec)
+
+    # persistence: RunPod keeps an account's templates and endpoints until they are deleted; with a state
+    # file a restarted simulator does the same (the demo's second `gatewayctl up --demo` finds its models).
+    # Jobs, knobs and warm workers are not kept: after a restart every endpoint is scaled to zero.
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"templates": [{"owner": t.owner, "data": t.data} for t in self.templates.values()],
+                "endpoints": [{"owner": e.owner, "data": e.data} for e in self.endpoints.values()]}
+
+    def restore(self, doc: dict[str, Any]) -> None:
+        for item in doc.get("templates", []):
+            self.templates[item["data"]["id"]] = Owned(item["owner"], item["data"])
+        for item in doc.get("endpoints", []):
+            self.endpoints[item["data"]["id"]] = SimEndpoint(item["owner"], item["data"])
 
     # accounts and keys
 
@@ -807,9 +822,10 @@ GPU_CATALOG = [
 ]
 
 
-def build_app(accounts: list[dict[str, Any]]) -> web.Application:
+def build_app(accounts: list[dict[str, Any]], state: dict[str, Any] | None = None) -> web.Application:
     """The simulator as an aiohttp app; its state is reachable as `app[SIMULATOR]`."""
     sim = Simulator(accounts)
+    sim.restore(state or {})
     app = web.Application(middlewares=[sim.middleware], client_max_size=32 * 1024**2)
     app[SIMULATOR] = sim
     r = app.router
@@ -832,10 +848,10 @@ def build_app(accounts: list[dict[str, Any]]) -> web.Application:
     return app
 
 
-async def serve(host: str = "127.0.0.1", port: int = 0,
-                accounts: list[dict[str, Any]] | None = None) -> tuple[web.AppRunner, int]:
+async def serve(host: str = "127.0.0.1", port: int = 0, accounts: list[dict[str, Any]] | None = None,
+                state: dict[str, Any] | None = None) -> tuple[web.AppRunner, int]:
     """Starts the simulator; returns the runner (call `cleanup()` to stop) and the bound port."""
-    runner = web.AppRunner(build_app(accounts or []), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(build_app(accounts or [], state), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner, int(runner.addresses[0][1])
@@ -850,8 +866,26 @@ def load_accounts(path: str) -> list[dict[str, Any]]:
     return accounts
 
 
+def _read_state(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc: dict[str, Any] = json.load(f)
+            return doc
+    except FileNotFoundError:
+        return {}
+
+
+def _write_state(path: str, sim: Simulator) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(sim.snapshot(), f)
+    os.replace(tmp, path)
+
+
 async def _main(args: argparse.Namespace) -> None:
-    runner, port = await serve(args.host, args.port, load_accounts(args.accounts) if args.accounts else [])
+    accounts = load_accounts(args.accounts) if args.accounts else []
+    runner, port = await serve(args.host, args.port, accounts, _read_state(args.state) if args.state else None)
     try:
         if args.port_file:  # written atomically so a poller never reads a half-written number
             tmp = f"{args.port_file}.tmp"
@@ -866,6 +900,8 @@ async def _main(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+        if args.state:
+            _write_state(args.state, runner.app[SIMULATOR])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -876,6 +912,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accounts",
                         help='JSON file: {"accounts": [{"id", "email", "keys", "read_only_keys"}]}')
     parser.add_argument("--port-file", help="where to write the bound port once listening")
+    parser.add_argument("--state", help="JSON file keeping templates and endpoints across restarts")
     asyncio.run(_main(parser.parse_args(argv)))
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -389,3 +390,40 @@ def test_embedded_serve() -> None:
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_state_file_keeps_templates_and_endpoints_across_a_restart(tmp_path: Any) -> None:
+    """RunPod keeps an account's resources until they are deleted; `--state` lets a restarted simulator
+    do the same (the demo relies on it), and a deletion is kept too. A file only the owner reads."""
+    accounts, state = tmp_path / "accounts.json", tmp_path / "state.json"
+    accounts.write_text(json.dumps({"accounts": [FILE_ACCOUNT]}))
+    key = FILE_ACCOUNT["keys"][0]
+
+    @contextmanager
+    def started() -> Iterator[str]:
+        port_file = tmp_path / "port"
+        port_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "control.runpod_simulator", "--accounts", str(accounts),
+                   "--port-file", str(port_file), "--state", str(state)]
+        with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL) as proc:
+            deadline = time.monotonic() + 10
+            while not port_file.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "simulator did not start"
+                time.sleep(0.02)
+            yield f"http://127.0.0.1:{int(port_file.read_text())}"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
+
+    with started() as base:
+        kept, dropped = new_endpoint(base, key), new_endpoint(base, key)
+        assert call("DELETE", f"{base}/v2/serverless/{dropped['id']}", key=key).status == 204
+    assert state.stat().st_mode & 0o077 == 0
+    with started() as base:
+        listed = call("GET", f"{base}/v2/serverless", key=key).json()["endpoints"]
+        assert [e["id"] for e in listed] == [kept["id"]]
+        assert listed[0]["requestUrls"]["health"] == f"{base}/v2/{kept['id']}/health"  # today's address
+        assert [t["id"] for t in call("GET", f"{base}/v2/templates", key=key).json()["templates"]] == [
+            kept["templateId"]]
+        chat = call("POST", f"{base}/v2/{kept['id']}/openai/v1/chat/completions",
+                    {"model": "m", "messages": [{"role": "user", "content": "again"}]}, key)
+        assert chat.status == 200 and chat.json()["choices"][0]["message"]["content"] == "Echo: again"
