@@ -76,6 +76,18 @@ def list_keys(ctx: Context, ws_ref: str) -> list[dict[str, Any]]:
     return out
 
 
+def find_active(ctx: Context, ws_id: str, key: str) -> str | None:
+    """The id of `key` if it is an active key of the workspace: how a holder of a key is recognised
+    without the key ever being stored."""
+    digest = apikeys.digest(key)
+    if digest is None:
+        return None
+    row = ctx.db.execute(
+        "SELECT id FROM api_keys WHERE key_hash = %s AND workspace_id = %s AND revoked_at IS NULL", (digest, ws_id)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _key_workspace(ctx: Context, key_id: str) -> str:
     row = ctx.db.execute("SELECT workspace_id FROM api_keys WHERE id = %s", (key_id,)).fetchone()
     if row is None:

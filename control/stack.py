@@ -246,6 +246,7 @@ class Stack:
             json.dump({"accounts": [{"id": "user_demo", "email": "demo@example.com", "keys": [key]}]}, fh)
         self._spawn("runpod-simulator", [
             sys.executable, "-m", "control.runpod_simulator", "--port", str(port), "--accounts", str(accounts),
+            "--state", str(self.settings.state_dir / "simulator-state.json"),  # the demo's models survive a restart
         ], dict(os.environ))
         url = f"http://127.0.0.1:{port}"
         if not wait_for_http(f"{url}/_sim/healthz", 20):
