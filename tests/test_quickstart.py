@@ -153,3 +153,12 @@ def test_the_quick_start_works_as_written_and_a_second_make_run_reuses_the_demo(
     stopped = second_terminal("make demo-client", clone, env)
     assert stopped.returncode != 0 and "is `make run` still running?" in stopped.stderr, stopped.stderr
     assert time.monotonic() - started < 90
+
+
+def test_the_install_step_says_what_it_does(tmp_path: Path) -> None:
+    """`make run`'s first install takes about a minute: it announces itself and pip shows its progress."""
+    dry = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "installing into" in dry and "about a minute" in dry, dry
+    [project] = [line for line in dry.splitlines() if "-e '.[dev]'" in line]
+    assert "--quiet" not in project and "-q" not in project.split(), project
