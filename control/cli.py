@@ -75,9 +75,10 @@ Formatter = argparse.RawDescriptionHelpFormatter
 
 def _doc(summary: str, *examples: str, about: str = "") -> dict[str, Any]:
     """A subcommand's help: its one line in the parent's list, and a --help page with examples."""
+    description = summary[0].upper() + summary[1:] + "."
     return {
         "help": summary,
-        "description": f"{summary[0].upper()}{summary[1:]}.{chr(10) * 2 + about if about else ''}",
+        "description": f"{description}\n\n{about}" if about else description,
         "epilog": "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None,
         "formatter_class": Formatter,
     }
