@@ -154,7 +154,7 @@ def test_endpoints(sim: str) -> None:
     assert created.status == 201, created.body
     ep = created.json()
     eid = ep["id"]
-    assert re.fullmatch(r"[a-z0-9]{14}", eid)
+    assert re.fullmatch(r"ep_[a-z0-9]{11}", eid)
     assert ep["env"] == {"MODEL_NAME": "m", "A": "2", "B": "3"} and ep["image"] == "img"
     assert ep["gpu"] == {"pools": ["ADA_24"], "count": 1, "allowedCudaVersions": [], "minCudaVersion": None}
     assert ep["workers"] == {"min": 0, "max": 2, "idleTimeout": 10} and ep["templateId"] == tpl["id"]
@@ -202,11 +202,13 @@ def test_queue_routes_and_auth(sim: str) -> None:
         assert (reply.status, reply.json()) == (401, {"error": "Unauthorized"})
     assert call("GET", f"{sim}/v2/nosuchendpoint1/health", key=key).status == 404
     health = call("GET", f"{base}/health", key=key).json()
-    assert health["workers"] == {"idle": 1, "running": 0, "initializing": 0, "ready": 1, "throttled": 0,
+    # Scaled down: idle means the image is cached, no worker has loaded the model.
+    assert health["workers"] == {"idle": 1, "running": 0, "initializing": 0, "ready": 0, "throttled": 0,
                                  "unhealthy": 0}
     assert set(health["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}
     sync = call("POST", f"{base}/runsync", {"input": {"x": 1}}, key).json()
     assert sync["status"] == "COMPLETED" and sync["output"] == {"x": 1}
+    assert call("GET", f"{base}/health", key=key).json()["workers"]["ready"] == 1
     queued = call("POST", f"{base}/run", {"input": {"y": 2}}, key).json()
     assert queued["status"] == "IN_QUEUE"
     assert call("GET", f"{base}/status/{queued['id']}", key=key).json()["output"] == {"y": 2}
@@ -347,7 +349,11 @@ def test_knobs_and_fail_next(sim: str) -> None:
 
     assert call("PATCH", knobs, {"health": "throttled"}).json()["health"] == "throttled"
     assert call("GET", f"{base}/health", key=key).json()["workers"]["throttled"] == 1
+    # No worker gets a GPU: the job stays in the queue.
+    assert call("POST", f"{base}/runsync?wait=100", {"input": {}}, key).json()["status"] == "IN_QUEUE"
+    assert call("GET", f"{base}/health", key=key).json()["jobs"]["inQueue"] == 1
     assert call("PATCH", knobs, {"health": "sleepy"}).status == 400
+    call("PATCH", knobs, {"health": "ready"})
     assert call("PATCH", f"{sim}/_sim/endpoints/nosuchendpoint1", {"fail": "none"}).status == 404
 
     call("PATCH", knobs, {"cold_start_ms": 300, "stream_delay_ms": 50})
