@@ -36,7 +36,7 @@ def seed(settings: ControlSettings, runpod_key: str, say: Callable[[str], None])
         live = {name: dep_id for dep_id, name in rows}
         for opts in _MODELS:
             dep_id = live.get(opts.public_name)
-            if dep_id is not None and deployments.status(ctx, dep_id)["health"] == "ready":
+            if dep_id is not None and deployments.status(ctx, dep_id)["serves"]:
                 continue
             if dep_id is not None:
                 deployments.teardown(ctx, dep_id)
