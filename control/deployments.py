@@ -279,7 +279,8 @@ def deploy(
 
     hint = f"see `gatewayctl status {dep_id}`; `gatewayctl teardown {dep_id}` removes it"
     served_after = readiness.wait_until_serving(client, endpoint_id, opts.wait_timeout_s,
-                                                plan.sizing.init_timeout_s, say, hint)
+                                                plan.sizing.init_timeout_s, say, hint,
+                                                poll_s=min(2.0, max(0.05, opts.wait_timeout_s / 20)))
     with hotsync.changing(ctx) as change:
         ctx.db.execute("UPDATE deployments SET state = 'ready' WHERE id = %s", (dep_id,))
         change.workspace(ws["id"])

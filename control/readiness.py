@@ -141,7 +141,9 @@ def wait_until_serving(client: RunPodClient, endpoint_id: str, timeout_s: float,
         if health.state == INITIALIZING:
             initializing_since = initializing_since or now
         if health.state == UNHEALTHY:
-            if initializing_since is not None and now - initializing_since >= init_timeout_s:
+            # Seen initializing for the whole allowance (give or take one poll), then unhealthy: RunPod's
+            # init timeout (runpod/docs `serverless/development/optimization.mdx`).
+            if initializing_since is not None and now - initializing_since >= init_timeout_s - poll_s:
                 raise ControlError("deploy_init_timeout", (
                     f"endpoint {endpoint_id}: {INIT_TIMEOUT}: the worker initialized for "
                     f"{now - initializing_since:.0f} s and RunPod marked it unhealthy (RUNPOD_INIT_TIMEOUT "

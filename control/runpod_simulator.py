@@ -25,7 +25,7 @@ Control routes (no auth, never recorded)
     PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy (what a
                                           started worker does: `ready` = starts and serves after its cold
                                           start; the others = never gets there), cold_start_ms,
-                                          model_load_s, stream_delay_ms,
+                                          stream_delay_ms,
                                           fail none|http500|worker_error_200|unauthorized
     POST   /_sim/fail-next               {"path_contains": "...", "status": 500, "method"?, "times"?: 1}
                                           the next matching request(s) fail with that status, before auth
@@ -44,9 +44,10 @@ Worker lifecycle (see "the serverless worker lifecycle" below for the published 
     pays the cold start again. Jobs wait IN_QUEUE until a worker has initialized: an OpenAI-route
     request hangs until its caller gives up, `/runsync` answers IN_QUEUE after `?wait` ms, `/run` jobs
     stay IN_QUEUE. A worker of `runpod/worker-v1-vllm:v2.25.2` crash-loops (`unhealthy`) when the
-    endpoint's CUDA constraint admits drivers below 13.0, when its `MODEL_NAME` is a gated model and the
-    env has no `HF_TOKEN`, or after its cold start when `model_load_s` (the model's simulated load time)
-    exceeds `RUNPOD_INIT_TIMEOUT` (default 420 s). An endpoint whose `workers.max` is 0 starts no worker.
+    endpoint's CUDA constraint admits drivers below 13.0, or when its `MODEL_NAME` is a gated model and the
+    env has no `HF_TOKEN`. Any worker whose cold start is longer than `RUNPOD_INIT_TIMEOUT` (default 420 s)
+    turns unhealthy when that time is up. An endpoint whose `workers.max` is 0 starts no worker.
+    `endpoint_knobs` on an account (POST /_sim/accounts) are the knobs its endpoints are created with.
 
 Run: python -m control.runpod_simulator [--host 127.0.0.1] [--port 0] [--accounts FILE] [--port-file FILE]
 """
@@ -192,13 +193,13 @@ _ENDPOINT_FIELDS = {
 CREATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "type": _enum("QUEUE", "LOAD_BALANCER"),
                         "gpu": _obj(_GPU, ("pools",))}, ("name", "type", "scaling"))
 UPDATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "gpu": _obj(_GPU)})
-ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS}, ("id",))
 KEY = _obj({"key": _NAME, "read_only": _BOOL}, ("key",))
 HEALTH_STATES = ("ready", "initializing", "throttled", "unhealthy")
 FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized")
 KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
-              "model_load_s": _t(int, minimum=0), "fail": _enum(*FAIL_MODES),
-              "stream_delay_ms": _t(int, minimum=0)})
+              "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0)})
+ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS,
+               "endpoint_knobs": KNOBS}, ("id",))
 RUN_BODY = _obj({"input": lambda v, p: [], "webhook": _STR, "policy": _t(dict)}, ("input",))
 FAIL_NEXT = _obj({"path_contains": _STR, "status": _t(int, minimum=100, maximum=599), "method": _STR,
                   "times": _t(int, minimum=1)}, ("path_contains",))
@@ -212,6 +213,7 @@ class Account:
     email: str | None
     keys: list[str] = field(default_factory=list)
     read_only_keys: list[str] = field(default_factory=list)
+    endpoint_knobs: dict[str, Any] = field(default_factory=dict)  # a test's knobs for endpoints created later
 
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,7 +223,6 @@ class Account:
 class Knobs:
     health: str = "ready"
     cold_start_ms: int = 0
-    model_load_s: int = 0
     fail: str = "none"
     stream_delay_ms: int = 0
 
@@ -361,9 +362,8 @@ def _cuda(version: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def crash_reason(data: dict[str, Any], knobs: Knobs) -> tuple[str, str] | None:
-    """Why a started worker of this endpoint crash-loops, and when: ("start", why) fails at container
-    start, ("init", why) after its cold start. None: it starts."""
+def crash_reason(data: dict[str, Any]) -> str | None:
+    """Why a started worker of this endpoint crashes at start (RunPod retries it: a crash loop)."""
     image, env, gpu = data.get("image") or "", data.get("env") or {}, data.get("gpu") or {}
     needed = IMAGE_MIN_CUDA.get(image)
     if needed is not None:
@@ -371,17 +371,18 @@ def crash_reason(data: dict[str, Any], knobs: Knobs) -> tuple[str, str] | None:
         guaranteed = (bool(allowed) and all(_cuda(v) >= needed for v in allowed)) or (
             not allowed and floor is not None and _cuda(floor) >= needed)
         if not guaranteed:
-            return "start", f"unsatisfied condition: cuda>={needed[0]}.{needed[1]}"
+            return f"unsatisfied condition: cuda>={needed[0]}.{needed[1]}"
     model = env.get("MODEL_NAME", "")
     if model.split("/", 1)[0] in GATED_ORGS and not env.get("HF_TOKEN"):
-        return "start", f"401 Client Error: access to model {model} is restricted (gated repo)"
-    try:
-        init_timeout = int(env.get("RUNPOD_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
-    except ValueError:
-        init_timeout = DEFAULT_INIT_TIMEOUT_S
-    if knobs.model_load_s > init_timeout:
-        return "init", f"cold start exceeded the init timeout of {init_timeout} s"
+        return f"401 Client Error: access to model {model} is restricted (gated repo)"
     return None
+
+
+def init_timeout_s(data: dict[str, Any]) -> float:
+    try:
+        return float((data.get("env") or {}).get("RUNPOD_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_INIT_TIMEOUT_S
 
 
 def worker_phase(ep: SimEndpoint, now: float) -> str:
@@ -393,13 +394,13 @@ def worker_phase(ep: SimEndpoint, now: float) -> str:
         return "none"
     if ep.started_at is None:
         return "scaled_down"
-    crash = crash_reason(ep.data, ep.knobs)
-    if crash is not None and crash[0] == "start":
+    if crash_reason(ep.data) is not None:
         return "unhealthy"
-    if now < ep.started_at + ep.knobs.cold_start_ms / 1000:
+    cold_s, allowed_s = ep.knobs.cold_start_ms / 1000, init_timeout_s(ep.data)
+    if now < ep.started_at + min(cold_s, allowed_s):
         return "initializing"
-    if crash is not None:
-        return "unhealthy"
+    if cold_s > allowed_s:
+        return "unhealthy"  # its cold start outlasted RUNPOD_INIT_TIMEOUT: marked unhealthy, retried
     idle_timeout = ep.data["workers"].get("idleTimeout", 5)
     if ep.waiting == 0 and now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000) > idle_timeout:
         ep.started_at = None  # Flex worker scaled down after its idle timeout: the next job pays a cold start
@@ -446,6 +447,7 @@ class Simulator:
             raise ValueError(f"keys already belong to another account: {taken}")
         acc = self.accounts.setdefault(spec["id"], Account(spec["id"], spec.get("email")))
         acc.email = spec.get("email", acc.email)
+        acc.endpoint_knobs = dict(spec.get("endpoint_knobs", acc.endpoint_knobs))
         for key in spec.get("keys", []):
             self.add_key(acc.id, key, False)
         for key in spec.get("read_only_keys", []):
@@ -664,7 +666,7 @@ class Simulator:
             "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         self._apply_endpoint(acc, data, body, creating=True)
-        ep = self.endpoints[data["id"]] = SimEndpoint(acc.id, data)
+        ep = self.endpoints[data["id"]] = SimEndpoint(acc.id, data, Knobs(**acc.endpoint_knobs))
         return web.json_response(self._endpoint_view(request, ep), status=201)
 
     async def endpoint_item(self, request: web.Request) -> web.StreamResponse:
