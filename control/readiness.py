@@ -121,7 +121,9 @@ def wait_until_serving(client: RunPodClient, endpoint_id: str, timeout_s: float,
     started = time.monotonic()
     deadline = started + timeout_s
     probe = _Probe(client, endpoint_id, timeout_s).start()
-    last, last_said, initializing_since = "", started, None
+    last, last_said, initializing_since, unhealthy_since = "", started, None, None
+    # One crashed worker among several may be replaced; a crash loop stays unhealthy.
+    unhealthy_grace_s = min(10.0, timeout_s / 4)
     say(f"endpoint {endpoint_id}: waiting for a served request ({PROBE_ROUTE}), up to {timeout_s:.0f} s")
     while True:
         if probe.done.is_set():
@@ -140,13 +142,15 @@ def wait_until_serving(client: RunPodClient, endpoint_id: str, timeout_s: float,
         now = time.monotonic()
         if health.state == INITIALIZING:
             initializing_since = initializing_since or now
-        if health.state == UNHEALTHY:
+        unhealthy_since = (unhealthy_since or now) if health.state == UNHEALTHY else None
+        if unhealthy_since is not None and (now - unhealthy_since >= unhealthy_grace_s or now >= deadline):
             # Seen initializing for the whole allowance (give or take one poll), then unhealthy: RunPod's
             # init timeout (runpod/docs `serverless/development/optimization.mdx`).
-            if initializing_since is not None and now - initializing_since >= init_timeout_s - poll_s:
+            initialized_s = unhealthy_since - initializing_since if initializing_since is not None else 0.0
+            if initialized_s >= init_timeout_s - poll_s:
                 raise ControlError("deploy_init_timeout", (
                     f"endpoint {endpoint_id}: {INIT_TIMEOUT}: the worker initialized for "
-                    f"{now - initializing_since:.0f} s and RunPod marked it unhealthy (RUNPOD_INIT_TIMEOUT "
+                    f"{initialized_s:.0f} s and RunPod marked it unhealthy (RUNPOD_INIT_TIMEOUT "
                     f"is {init_timeout_s} s); deploy with a longer --init-timeout; {hint}"))
             raise ControlError("deploy_unhealthy", f"endpoint {endpoint_id}: {health.line()}; {hint}")
         if health.state != last or now - last_said >= 15:

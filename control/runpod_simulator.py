@@ -17,7 +17,8 @@ Control routes (no auth, never recorded)
     GET    /_sim/requests                {"requests": [{method, path, headers, body, endpoint_id, account_id,
                                           status, time}]}  (last 10,000; header names lower-cased)
     DELETE /_sim/requests                forget recorded requests (204)
-    POST   /_sim/accounts                {"id","email","keys":[...],"read_only_keys":[...]}; upserts (201)
+    POST   /_sim/accounts                {"id","email","keys":[...],"read_only_keys":[...],
+                                          "endpoint_knobs"?: {knobs}}; upserts (201)
     POST   /_sim/accounts/{id}/keys      {"key": "...", "read_only": false} (201)
     DELETE /_sim/keys/{key}              revoke: the key then gets 401 everywhere (204)
     GET    /_sim/state                   {"accounts": [{..., "templates": [...], "endpoints": [...]}],

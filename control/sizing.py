@@ -113,7 +113,7 @@ def size(model: str, llm: bool, pool_memory_gb: int, params_b: float | None = No
         warnings.append(
             f"{model} will not fit: {what} need ~{weights + (kv or 0.0):.1f} GB, and a {pool_memory_gb} GB GPU leaves "
             f"~{usable:.1f} GB; choose a larger pool with --gpu"
-            + ("" if kv is None or weights > usable else " or a shorter --max-model-len")
+            + (" or a quantized (AWQ, GPTQ, FP8) model" if weights > usable else " or a shorter --max-model-len")
         )
     floor = VLLM_DISK_GB if llm else EMBEDDING_DISK_GB
     disk = disk_gb or max(floor, math.ceil(((weights or 0.0) * 1.25 + IMAGE_DISK_GB) / 10) * 10)

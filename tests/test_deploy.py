@@ -210,3 +210,23 @@ def test_endpoint_ids_that_could_change_a_path_are_refused(gateway: Gateway, sim
     with pytest.raises(openai.APIStatusError):
         sdk.chat.completions.create(model="safe", messages=[{"role": "user", "content": "x"}])
     assert not [r for r in simulator.requests() if r["account_id"] == account_id]
+
+
+def test_the_memory_estimate_reads_the_model_name() -> None:
+    from control import sizing
+
+    assert sizing.params_from_name("Qwen/Qwen2.5-0.5B-Instruct") == 0.5
+    assert sizing.params_from_name("mistralai/Mixtral-8x7B-Instruct-v0.1") == 56
+    assert sizing.params_from_name("google/gemma-2-9b-it") == 9
+    assert sizing.params_from_name("BAAI/bge-small-en-v1.5") is None
+    assert sizing.bytes_per_param("TheBloke/Llama-2-13B-chat-AWQ") == 0.5
+    assert sizing.bytes_per_param("neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8") == 1
+    on_16 = sizing.size("meta-llama/Llama-3.1-8B-Instruct", True, 16)
+    assert on_16.warnings and "its weights plus the KV cache" in on_16.warnings[0]
+    small = sizing.size("Qwen/Qwen2.5-0.5B-Instruct", True, 24)
+    assert (small.max_model_len, small.disk_gb, small.init_timeout_s, small.warnings) == (8192, 150, 800, ())
+    big = sizing.size("meta-llama/Llama-3.1-70B-Instruct", True, 80)
+    assert big.disk_gb == 210 and big.init_timeout_s == 2000 and big.warnings  # 140 GB of weights
+    unknown = sizing.size("org/chat", True, 48)
+    assert unknown.max_model_len == 16384 and unknown.weights_gb is None and "--params" in unknown.estimate()
+    assert sizing.size("BAAI/bge-small-en-v1.5", False, 16).max_model_len is None
