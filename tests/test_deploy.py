@@ -230,3 +230,15 @@ def test_the_memory_estimate_reads_the_model_name() -> None:
     unknown = sizing.size("org/chat", True, 48)
     assert unknown.max_model_len == 16384 and unknown.weights_gb is None and "--params" in unknown.estimate()
     assert sizing.size("BAAI/bge-small-en-v1.5", False, 16).max_model_len is None
+
+
+def test_a_sealed_runpod_key_does_not_open_as_a_hugging_face_token() -> None:
+    from control.crypto import HF_TOKEN, CryptoError, Keyring
+
+    keyring = Keyring({1: secrets.token_bytes(32)})
+    runpod_key = keyring.seal("rpa_secret", "ws_a")  # the default purpose: a RunPod credential
+    assert keyring.open(runpod_key, "ws_a") == "rpa_secret"
+    with pytest.raises(CryptoError):
+        keyring.open(runpod_key, "ws_a", HF_TOKEN)
+    with pytest.raises(CryptoError):
+        keyring.open(keyring.seal("hf_x", "ws_a", HF_TOKEN), "ws_b", HF_TOKEN)
