@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from control import credentials, deployments, keys, spend, stack, usage, workspaces
+from control import credentials, deployments, hf_tokens, keys, spend, stack, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -39,9 +39,14 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
         model=a.model, modality=a.modality, public_name=a.name or a.model,
         gpu_pools=tuple(a.gpu or ("ADA_24",)), workers_max=a.workers_max,
         idle_timeout_s=a.idle_timeout, wait_timeout_s=a.wait_timeout, destination=a.destination,
+        max_model_len=a.max_model_len, params_b=a.params, disk_gb=a.disk, init_timeout_s=a.init_timeout,
     )
     if a.dry_run:
-        return deployments.dry_run(ctx, a.workspace, opts, a.utilization)
+        plan = deployments.dry_run(ctx, a.workspace, opts, a.utilization)
+        if a.json:
+            return plan
+        print(deployments.render_dry_run(plan))
+        return None
     return deployments.deploy(ctx, a.workspace, opts)
 
 
@@ -58,6 +63,8 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("keys", "set-limit"): lambda ctx, a: keys.set_limit(ctx, a.key_id, a.rpm),
     ("runpod", "link"): lambda ctx, a: credentials.link(ctx, a.workspace, _read_secret("RunPod API key: ")),
     ("runpod", "unlink"): lambda ctx, a: credentials.unlink(ctx, a.workspace),
+    ("hf-token", "set"): lambda ctx, a: hf_tokens.set_token(ctx, a.workspace, _read_secret("Hugging Face token: ")),
+    ("hf-token", "clear"): lambda ctx, a: hf_tokens.clear_token(ctx, a.workspace),
     ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
     ("prices", "set"): lambda ctx, a: spend.set_price(ctx, a.scope, a.ref, a.input, a.output),
     ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
@@ -187,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
         "forget the workspace's RunPod key", "gatewayctl runpod unlink acme"))
     p.add_argument("workspace", help=WS)
 
+    hf = sub.add_parser("hf-token", **_doc("the workspace's Hugging Face token, for gated models")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = hf.add_parser("set", parents=[common], **_doc(
+        "store a Hugging Face token read from stdin (sealed, never shown)",
+        "gatewayctl hf-token set acme < hf-token.txt",
+        about="Reads the token from stdin (a prompt on a terminal), seals it with the master keyring and gives\n"
+        "it to the workers of later deploys as HF_TOKEN."))
+    p.add_argument("workspace", help=WS)
+    p = hf.add_parser("clear", parents=[common], **_doc(
+        "forget the workspace's Hugging Face token", "gatewayctl hf-token clear acme"))
+    p.add_argument("workspace", help=WS)
+
     mk = sub.add_parser("master-key", **_doc("the master keyring")).add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = mk.add_parser("rotate", parents=[common], **_doc(
@@ -208,8 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="append", help="GPU pool, in order of preference (default ADA_24)")
     p.add_argument("--workers-max", type=int, default=3, help="most workers the endpoint scales to (default 3)")
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")
-    p.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the endpoint")
-    p.add_argument("--dry-run", action="store_true", help="print what would be created and its projected cost")
+    p.add_argument("--wait-timeout", type=float, default=600,
+                   help="seconds to wait for a request to be served through RunPod (default 600)")
+    p.add_argument("--max-model-len", type=int,
+                   help="vLLM's context length (default: the longest that fits the smallest --gpu pool, ≤32768)")
+    p.add_argument("--params", type=float, help="billions of parameters, when the model's name does not say")
+    p.add_argument("--disk", type=int, help="container disk in GB (default: sized for the model, at least 150 "
+                   "for vLLM and 20 for embeddings, as the workers' hub configs recommend)")
+    p.add_argument("--init-timeout", type=int,
+                   help="seconds of cold start before RunPod marks a worker unhealthy (RUNPOD_INIT_TIMEOUT; "
+                   "default: sized for the model, at least 800)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be created (readable text, or JSON with --json), its memory estimate "
+                   "and projected cost; a Hugging Face token shows masked")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     p = sub.add_parser("usage", parents=[common], **_doc(

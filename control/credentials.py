@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control import hotsync, workspaces
+from control import hf_tokens, hotsync, workspaces
 from control.context import Context
 from control.crypto import Sealed, save_keyring
 from control.errors import ControlError
@@ -102,9 +102,9 @@ def mark_rejected(ctx: Context, workspace_id: str) -> bool:
 
 
 def rotate_master_key(ctx: Context, retire_old: bool) -> dict[str, Any]:
-    """Add a master-key version, re-seal every stored RunPod key under it and, with `retire_old`, drop
-    the older versions once nothing uses them. Running services load the new version on their own the
-    first time they meet it, so old and new both work throughout."""
+    """Add a master-key version, re-seal every stored RunPod key and Hugging Face token under it and, with
+    `retire_old`, drop the older versions once nothing uses them. Running services load the new version on
+    their own the first time they meet it, so old and new both work throughout."""
     path = ctx.settings.master_key_file
     if ctx.settings.master_key:
         raise ControlError(
@@ -131,6 +131,7 @@ def rotate_master_key(ctx: Context, retire_old: bool) -> dict[str, Any]:
             )
             change.workspace(workspace_id)
             resealed += 1
+    resealed += hf_tokens.reseal_all(ctx)
     if retire_old:
         ctx.keyring = ctx.keyring.without_versions_below(ctx.keyring.current_version)
         save_keyring(ctx.keyring, path)

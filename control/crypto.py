@@ -32,8 +32,14 @@ class Sealed:
     ciphertext: bytes
 
 
-def _associated_data(workspace_id: str) -> bytes:
-    return b"gateway/runpod-credential/v1/" + workspace_id.encode()
+RUNPOD_CREDENTIAL = "runpod-credential"
+HF_TOKEN = "hf-token"
+
+
+def _associated_data(workspace_id: str, purpose: str) -> bytes:
+    # The purpose is bound too, so one workspace's sealed RunPod key cannot be passed off as its
+    # Hugging Face token or the other way round.
+    return f"gateway/{purpose}/v1/".encode() + workspace_id.encode()
 
 
 class Keyring:
@@ -58,20 +64,20 @@ class Keyring:
     def versions(self) -> list[int]:
         return sorted(self._keys)
 
-    def seal(self, plaintext: str, workspace_id: str) -> Sealed:
+    def seal(self, plaintext: str, workspace_id: str, purpose: str = RUNPOD_CREDENTIAL) -> Sealed:
         version = self.current_version
         nonce = secrets.token_bytes(_NONCE_BYTES)
         ciphertext = AESGCM(self._keys[version]).encrypt(
-            nonce, plaintext.encode(), _associated_data(workspace_id)
+            nonce, plaintext.encode(), _associated_data(workspace_id, purpose)
         )
         return Sealed(version, nonce, ciphertext)
 
-    def open(self, sealed: Sealed, workspace_id: str) -> str:
+    def open(self, sealed: Sealed, workspace_id: str, purpose: str = RUNPOD_CREDENTIAL) -> str:
         key = self._keys.get(sealed.key_version)
         if key is None:
             raise CryptoError(f"master key version {sealed.key_version} is not in the keyring")
         try:
-            plaintext = AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, _associated_data(workspace_id))
+            plaintext = AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, _associated_data(workspace_id, purpose))
         except InvalidTag:
             raise CryptoError("stored credential does not belong to this workspace or was altered") from None
         return plaintext.decode()

@@ -42,7 +42,7 @@ def _deployments(ctx: Context, ws_id: str, say: Callable[[str], None]) -> None:
     live = {d["name"]: d["id"] for d in deployments.list_deployments(ctx, ws_id)}
     for opts in _MODELS:
         dep_id = live.get(opts.public_name)
-        if dep_id is not None and deployments.status(ctx, dep_id)["health"] == "ready":
+        if dep_id is not None and deployments.status(ctx, dep_id)["serves"]:
             say(f"demo       {opts.public_name}: reusing deployment {dep_id}")
             continue
         if dep_id is not None:  # its endpoint is gone (the simulator's state was lost): replace it

@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from control import credentials, hotsync, workspaces
+from psycopg.types.json import Jsonb
+
+from control import credentials, hf_tokens, hotsync, readiness, workspaces
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
 from control.plans import BYOC_MODALITIES, PLANS
-from control.runpod_client import RunPodClient, RunPodError
+from control.runpod_client import RunPodClient
+from control.sizing import Sizing, size
+from extauth.routes import is_endpoint_id
 
 VLLM_IMAGE = "runpod/worker-v1-vllm:v2.25.2"
 EMBEDDING_IMAGE = "runpod/worker-infinity-embedding:1.1.4"
+# The CUDA versions each image's `.runpod/hub.json` allows. worker-vllm v2.25.2 needs a CUDA 13 driver: a
+# worker scheduled on an older one fails at container start (its commit dac05b6).
+VLLM_CUDA = ("13.0",)
+EMBEDDING_CUDA = ("12.7", "12.6", "12.5", "12.4")
+# Organisations whose Hugging Face models are commonly gated: a deploy without a token warns.
+GATED_ORGS = ("meta-llama", "google", "mistralai")
+# RunPod's model caching ("Cached models", runpod/docs `serverless/endpoints/model-caching.mdx`) is set in
+# the console's Model field only: RunPod's REST v2 OpenAPI document has no field for it.
+MODEL_CACHE = ("not offered by RunPod's REST v2 API (console only); the container disk is sized to hold "
+               "the model's download instead")
 _PUBLIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
@@ -37,35 +50,91 @@ class DeployOptions:
     idle_timeout_s: int = 5
     wait_timeout_s: float = 600.0
     destination: str = "runpod"
+    max_model_len: int | None = None  # None: the longest that fits the smallest pool (control/sizing.py)
+    params_b: float | None = None  # billions of parameters, when the model's name does not say
+    disk_gb: int | None = None
+    init_timeout_s: int | None = None
 
 
-def _template_body(name: str, opts: DeployOptions) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a deploy configures besides names and ids, worked out before anything is created."""
+
+    sizing: Sizing
+    cuda: tuple[str, ...]
+    hf_token: str | None = field(repr=False)
+    hf_source: str
+    pools: list[dict[str, Any]]
+    warnings: tuple[str, ...]
+
+
+def _template_body(name: str, opts: DeployOptions, plan: _Plan, hf_token: str | None) -> dict[str, Any]:
+    common = {"RUNPOD_INIT_TIMEOUT": str(plan.sizing.init_timeout_s)}
+    if hf_token:
+        common["HF_TOKEN"] = hf_token
     if opts.modality == "llm":
         image = VLLM_IMAGE
         env = {
             "MODEL_NAME": opts.model,
             "OPENAI_SERVED_MODEL_NAME_OVERRIDE": opts.public_name,
+            "MAX_MODEL_LEN": str(plan.sizing.max_model_len),
             # Usage in every stream, whether or not the client asked: the meter depends on it.
             "ENABLE_FORCE_INCLUDE_USAGE": "true",
+            **common,
         }
     else:
         image = EMBEDDING_IMAGE
-        env = {"MODEL_NAMES": opts.model, "OPENAI_SERVED_MODEL_NAME_OVERRIDE": opts.public_name}
-    return {"name": name, "image": image, "env": env, "serverless": True, "disk": 50,
-            "startSsh": False, "startJupyter": False}
+        env = {"MODEL_NAMES": opts.model, "OPENAI_SERVED_MODEL_NAME_OVERRIDE": opts.public_name, **common}
+    return {"name": name, "image": image, "env": env, "serverless": True, "disk": plan.sizing.disk_gb,
+            "allowedCudaVersions": list(plan.cuda), "startSsh": False, "startJupyter": False}
 
 
-def _endpoint_body(name: str, template_id: str, opts: DeployOptions) -> dict[str, Any]:
+def _endpoint_body(name: str, template_id: str, opts: DeployOptions, plan: _Plan) -> dict[str, Any]:
     return {
         "name": name,
         "type": "QUEUE",
         "templateId": template_id,
-        "gpu": {"pools": list(opts.gpu_pools), "count": 1},
+        # The template's CUDA set would seed this too; stated so the endpoint says what it needs.
+        "gpu": {"pools": list(opts.gpu_pools), "count": 1, "allowedCudaVersions": list(plan.cuda)},
         # Flex: scale to zero when idle, so an unused deployment costs nothing.
         "workers": {"min": 0, "max": opts.workers_max, "idleTimeout": opts.idle_timeout_s},
         "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
         "flashboot": "FLASHBOOT",
     }
+
+
+def _plan(ctx: Context, client: RunPodClient, ws_id: str, opts: DeployOptions, utilization: float) -> _Plan:
+    catalog = [g for g in client.gpu_catalog() if g.get("pool") and (g.get("price") or {}).get("serverless")]
+    pools: dict[str, dict[str, Any]] = {}
+    for gpu in catalog:
+        entry = pools.setdefault(gpu["pool"], {"memory_gb": int(gpu["memory"]), "usd_per_hour": 0.0})
+        entry["memory_gb"] = min(entry["memory_gb"], int(gpu["memory"]))
+        entry["usd_per_hour"] = float(gpu["price"]["serverless"])
+    unknown = [p for p in opts.gpu_pools if p not in pools]
+    if unknown:
+        valid = ", ".join(f"{p} ({v['memory_gb']} GB, ${v['usd_per_hour']:.2f}/h)" for p, v in sorted(pools.items()))
+        raise ControlError("unknown_gpu_pool",
+                           f"RunPod lists no serverless GPU pool {unknown[0]!r}; valid pools: {valid}")
+    memory = min(pools[p]["memory_gb"] for p in opts.gpu_pools)  # a worker may land on any listed pool
+    sizing = size(opts.model, opts.modality == "llm", memory, opts.params_b, opts.max_model_len, opts.disk_gb,
+                  opts.init_timeout_s)
+    token = hf_tokens.for_deploy(ctx, ws_id, opts.destination)
+    source = "none" if token is None else ("the platform's" if opts.destination == "managed" else "the workspace's")
+    warnings = list(sizing.warnings)
+    if token is None and opts.model.split("/", 1)[0] in GATED_ORGS:
+        warnings.append(
+            f"{opts.model} may be gated on Hugging Face and no token is set: its workers cannot download it; "
+            + ("set GATEWAY_MANAGED_HF_TOKEN" if opts.destination == "managed"
+               else "store one with `gatewayctl hf-token set WORKSPACE` (read from stdin)"))
+    priced = []
+    for pool in opts.gpu_pools:
+        per_second = pools[pool]["usd_per_hour"] / 3600
+        priced.append({
+            "pool": pool, "memory_gb": pools[pool]["memory_gb"], "usd_per_second": round(per_second, 8),
+            "projected_monthly_usd_per_worker": round(per_second * SECONDS_PER_MONTH * utilization, 2),
+        })
+    cuda = VLLM_CUDA if opts.modality == "llm" else EMBEDDING_CUDA
+    return _Plan(sizing, cuda, token, source, priced, tuple(warnings))
 
 
 def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> None:
@@ -101,34 +170,58 @@ def _runpod_for(ctx: Context, workspace_id: str, destination: str) -> tuple[str 
 
 def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) -> dict[str, Any]:
     """What `deploy` would create, and what the endpoint would cost a month if workers were busy for
-    `utilization` of the time (Flex workers bill per second only while running)."""
+    `utilization` of the time (Flex workers bill per second only while running). A Hugging Face token
+    shows masked."""
     if not 0 < utilization <= 1:
         raise ControlError("invalid_utilization", "--utilization is a fraction between 0 and 1")
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
     _account, client = _runpod_for(ctx, ws["id"], opts.destination)
-    prices = {gpu.get("pool"): gpu["price"].get("serverless") for gpu in client.gpu_catalog()}
-    pools = []
-    for pool in opts.gpu_pools:
-        per_hour = prices.get(pool)
-        if per_hour is None:
-            raise ControlError("unknown_gpu_pool", f"RunPod lists no serverless price for GPU pool {pool!r}")
-        per_second = float(per_hour) / 3600
-        pools.append({
-            "pool": pool, "usd_per_second": round(per_second, 8),
-            "projected_monthly_usd_per_worker": round(per_second * SECONDS_PER_MONTH * utilization, 2),
-        })
+    plan = _plan(ctx, client, ws["id"], opts, utilization)
     name = "gw-<deployment id>"
     return {
         "dry_run": True,
         "workspace_id": ws["id"],
-        "template": _template_body(name, opts),
-        "endpoint": _endpoint_body(name, "<template id>", opts),
+        "model": opts.model,
+        "template": _template_body(name, opts, plan, hf_tokens.MASK if plan.hf_token else None),
+        "endpoint": _endpoint_body(name, "<template id>", opts, plan),
+        "memory_estimate": plan.sizing.estimate(),
+        "hf_token": plan.hf_source,
+        "model_cache": MODEL_CACHE,
+        "warnings": list(plan.warnings),
         "utilization": utilization,
-        "gpu_pools": pools,
+        "gpu_pools": plan.pools,
         # The first pool is the preferred one; a busier endpoint scales to more workers at this rate each.
-        "projected_monthly_usd": pools[0]["projected_monthly_usd_per_worker"],
+        "projected_monthly_usd": plan.pools[0]["projected_monthly_usd_per_worker"],
     }
+
+
+def render_dry_run(result: dict[str, Any]) -> str:
+    """The dry run as a person reads it."""
+    tpl, ep = result["template"], result["endpoint"]
+    env = "\n".join(f"    {k}={v}" for k, v in tpl["env"].items())
+    pools = "\n".join(
+        f"    {p['pool']}: {p['memory_gb']} GB, ${p['usd_per_second']:.6f}/s per worker, "
+        f"~${p['projected_monthly_usd_per_worker']:.2f}/month per worker at {result['utilization']:.0%} busy"
+        for p in result["gpu_pools"])
+    workers = ep["workers"]
+    lines = [
+        f"Dry run, nothing was created. Deploying {result['model']} to workspace {result['workspace_id']}"
+        " would create:",
+        f"  template {tpl['name']}: image {tpl['image']}, container disk {tpl['disk']} GB, "
+        f"CUDA {', '.join(tpl['allowedCudaVersions'])}",
+        f"  env:\n{env}",
+        f"  endpoint {ep['name']}: {ep['type']}, {workers['min']}-{workers['max']} workers, "
+        f"idle timeout {workers['idleTimeout']} s, flashboot {ep['flashboot']}, "
+        f"CUDA {', '.join(ep['gpu']['allowedCudaVersions'])}",
+        f"  GPU pools, in order of preference:\n{pools}",
+        f"  memory: {result['memory_estimate']}",
+        f"  Hugging Face token: {result['hf_token']}",
+        f"  model cache: {result['model_cache']}",
+        f"  projected cost: ~${result['projected_monthly_usd']:.2f}/month per worker",
+    ]
+    lines += [f"warning: {w}" for w in result["warnings"]]
+    return "\n".join(lines)
 
 
 def deploy(
@@ -138,6 +231,12 @@ def deploy(
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
     account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
+    plan = _plan(ctx, client, ws["id"], opts, 1.0)
+    for warning in plan.warnings:
+        say(f"warning: {warning}")
+    settings = {"max_model_len": plan.sizing.max_model_len, "disk_gb": plan.sizing.disk_gb,
+                "init_timeout_s": plan.sizing.init_timeout_s, "gpu_pools": list(opts.gpu_pools),
+                "cuda": list(plan.cuda), "hf_token": plan.hf_source}
 
     row = ctx.db.execute(
         "SELECT id, state, model, modality, template_id, endpoint_id FROM deployments"
@@ -151,9 +250,10 @@ def deploy(
     if row is None:
         dep_id = new_id("dep")
         ctx.db.execute(
-            "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, account_id, state)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'creating')",
-            (dep_id, ws["id"], opts.public_name, opts.model, opts.modality, opts.destination, account_id),
+            "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, account_id, state,"
+            " options) VALUES (%s, %s, %s, %s, %s, %s, %s, 'creating', %s)",
+            (dep_id, ws["id"], opts.public_name, opts.model, opts.modality, opts.destination, account_id,
+             Jsonb(settings)),
         )
         template_id, endpoint_id = None, None
     else:
@@ -163,60 +263,30 @@ def deploy(
     resource_name = f"gw-{dep_id}"
     if template_id is None:
         found = client.find_template(resource_name)
-        template = found or client.create_template(_template_body(resource_name, opts))
+        template = found or client.create_template(_template_body(resource_name, opts, plan, plan.hf_token))
         template_id = str(template["id"])
         ctx.db.execute("UPDATE deployments SET template_id = %s WHERE id = %s", (template_id, dep_id))
         say(f"template {template_id} {'found' if found else 'created'}")
     if endpoint_id is None:
         found = client.find_endpoint(resource_name)
-        endpoint = found or client.create_endpoint(_endpoint_body(resource_name, template_id, opts))
+        endpoint = found or client.create_endpoint(_endpoint_body(resource_name, template_id, opts, plan))
         endpoint_id = str(endpoint["id"])
+        if not is_endpoint_id(endpoint_id):  # never stored, so never spliced into a path
+            raise ControlError("runpod_bad_endpoint_id",
+                               "RunPod returned an endpoint id that is not a plain path segment")
         ctx.db.execute("UPDATE deployments SET endpoint_id = %s WHERE id = %s", (endpoint_id, dep_id))
         say(f"endpoint {endpoint_id} {'found' if found else 'created'}")
 
-    _wait_ready(client, endpoint_id, opts.wait_timeout_s, say)
+    hint = f"see `gatewayctl status {dep_id}`; `gatewayctl teardown {dep_id}` removes it"
+    served_after = readiness.wait_until_serving(client, endpoint_id, opts.wait_timeout_s,
+                                                plan.sizing.init_timeout_s, say, hint,
+                                                poll_s=min(2.0, max(0.05, opts.wait_timeout_s / 20)))
     with hotsync.changing(ctx) as change:
         ctx.db.execute("UPDATE deployments SET state = 'ready' WHERE id = %s", (dep_id,))
         change.workspace(ws["id"])
     return {"id": dep_id, "workspace_id": ws["id"], "model": opts.public_name, "endpoint_id": endpoint_id,
-            "template_id": template_id, "state": "ready"}
-
-
-def _wait_ready(client: RunPodClient, endpoint_id: str, timeout_s: float, say: Callable[[str], None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        health = classify(client, endpoint_id)
-        if health != last:
-            say(f"endpoint {endpoint_id}: {health}")
-            last = health
-        if health == "ready":
-            return
-        if time.monotonic() > deadline:
-            raise ControlError(
-                "deploy_timeout",
-                f"endpoint {endpoint_id} was not ready after {timeout_s:.0f} s (last: {health}); "
-                "run the same deploy again to keep waiting",
-            )
-        time.sleep(min(2.0, max(0.05, timeout_s / 20)))
-
-
-def classify(client: RunPodClient, endpoint_id: str) -> str:
-    """ready, initializing, throttled, unhealthy or unreachable, from RunPod's own health report."""
-    try:
-        workers = client.health(endpoint_id).get("workers", {})
-    except RunPodError:
-        return "unreachable"
-    count: Callable[[str], int] = lambda state: int(workers.get(state) or 0)  # noqa: E731
-    if count("ready") + count("idle") + count("running") > 0:
-        return "ready"
-    if count("unhealthy") > 0:
-        return "unhealthy"
-    if count("throttled") > 0:
-        return "throttled"
-    if count("initializing") > 0:
-        return "initializing"
-    return "ready"  # scaled to zero: the next request starts a worker
+            "template_id": template_id, "state": "ready", "served_after_s": round(served_after, 1),
+            **settings, "warnings": list(plan.warnings)}
 
 
 def list_deployments(ctx: Context, ws_ref: str, include_deleted: bool = False) -> list[dict[str, Any]]:
@@ -268,9 +338,15 @@ def _load(
 
 
 def status(ctx: Context, dep_ref: str, ws_ref: str | None = None) -> dict[str, Any]:
+    """RunPod's view of the deployment in the words `deploy` uses while it waits. It sends no inference
+    request (that would wake a scaled-down worker); `serves` says whether the next request is served, at
+    worst after a cold start: the deploy saw a served request, and RunPod reports nothing wrong since."""
     dep_id, ws_id, _template_id, endpoint_id, state, client = _load(ctx, dep_ref, ws_ref)
-    health = classify(client, endpoint_id) if endpoint_id else "unreachable"
-    return {"id": dep_id, "workspace_id": ws_id, "endpoint_id": endpoint_id, "state": state, "health": health}
+    health = (readiness.read(client, endpoint_id) if endpoint_id
+              else readiness.Health(readiness.UNREACHABLE, "the deployment has no RunPod endpoint yet"))
+    return {"id": dep_id, "workspace_id": ws_id, "endpoint_id": endpoint_id, "state": state,
+            "health": health.state, "detail": health.detail, "workers": health.workers,
+            "jobs_in_queue": health.in_queue, "serves": state == "ready" and health.state in readiness.SERVING}
 
 
 def teardown(ctx: Context, dep_ref: str, ws_ref: str | None = None) -> dict[str, Any]:

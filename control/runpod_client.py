@@ -11,6 +11,7 @@ import urllib.request
 from typing import Any
 
 from control.errors import ControlError
+from extauth.routes import is_endpoint_id
 
 
 class RunPodError(ControlError):
@@ -29,7 +30,7 @@ class RunPodClient:
     def __repr__(self) -> str:
         return f"RunPodClient(api_url={self._api_url!r})"
 
-    def _call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    def _call(self, method: str, url: str, body: Any = None, timeout_s: float | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("authorization", f"Bearer {self._key}")
@@ -37,7 +38,7 @@ class RunPodClient:
         if data is not None:
             request.add_header("content-type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s or self._timeout) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()
@@ -80,7 +81,7 @@ class RunPodClient:
 
     def delete_template(self, template_id: str) -> None:
         try:
-            self._rest("DELETE", f"/templates/{template_id}", ok=(200, 204))
+            self._rest("DELETE", f"/templates/{_segment(template_id)}", ok=(200, 204))
         except RunPodError as exc:
             if exc.status != 404:
                 raise
@@ -98,18 +99,31 @@ class RunPodClient:
         return result
 
     def get_endpoint(self, endpoint_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._rest("GET", f"/serverless/{endpoint_id}")
+        result: dict[str, Any] = self._rest("GET", f"/serverless/{_segment(endpoint_id)}")
         return result
 
     def delete_endpoint(self, endpoint_id: str) -> None:
         try:
-            self._rest("DELETE", f"/serverless/{endpoint_id}", ok=(200, 204))
+            self._rest("DELETE", f"/serverless/{_segment(endpoint_id)}", ok=(200, 204))
         except RunPodError as exc:
             if exc.status != 404:
                 raise
 
     def health(self, endpoint_id: str) -> dict[str, Any]:
-        status, payload = self._call("GET", f"{self._inference_url}/v2/{endpoint_id}/health")
+        status, payload = self._call("GET", f"{self._inference_url}/v2/{_segment(endpoint_id)}/health")
         if status != 200 or not isinstance(payload, dict):
             raise RunPodError("runpod_unreachable", f"endpoint health answered {status}", status)
         return payload
+
+    def openai_models(self, endpoint_id: str, timeout_s: float) -> tuple[int, Any]:
+        """The endpoint's OpenAI-route model list, served by a worker: (status, payload). The request waits
+        in RunPod's queue while no worker has loaded the model, so `timeout_s` bounds the whole wait."""
+        return self._call("GET", f"{self._inference_url}/v2/{_segment(endpoint_id)}/openai/v1/models",
+                          timeout_s=max(0.1, timeout_s))
+
+
+def _segment(resource_id: str) -> str:
+    """A RunPod id as a path segment, refused if it could change the path (ids share one alphabet)."""
+    if not is_endpoint_id(resource_id):
+        raise RunPodError("runpod_bad_id", "a RunPod id that is not a plain path segment was refused")
+    return resource_id

@@ -17,13 +17,16 @@ Control routes (no auth, never recorded)
     GET    /_sim/requests                {"requests": [{method, path, headers, body, endpoint_id, account_id,
                                           status, time}]}  (last 10,000; header names lower-cased)
     DELETE /_sim/requests                forget recorded requests (204)
-    POST   /_sim/accounts                {"id","email","keys":[...],"read_only_keys":[...]}; upserts (201)
+    POST   /_sim/accounts                {"id","email","keys":[...],"read_only_keys":[...],
+                                          "endpoint_knobs"?: {knobs}}; upserts (201)
     POST   /_sim/accounts/{id}/keys      {"key": "...", "read_only": false} (201)
     DELETE /_sim/keys/{key}              revoke: the key then gets 401 everywhere (204)
     GET    /_sim/state                   {"accounts": [{..., "templates": [...], "endpoints": [...]}],
                                           "knobs": {endpoint_id: {...}}}
-    PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy,
-                                          cold_start_ms, stream_delay_ms,
+    PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy (what a
+                                          started worker does: `ready` = starts and serves after its cold
+                                          start; the others = never gets there), cold_start_ms,
+                                          stream_delay_ms,
                                           fail none|http500|worker_error_200|unauthorized
     POST   /_sim/fail-next               {"path_contains": "...", "status": 500, "method"?, "times"?: 1}
                                           the next matching request(s) fail with that status, before auth
@@ -32,8 +35,20 @@ Simulated behaviour worth knowing
     Token count = number of whitespace-separated words. Replies are "Echo: " + the last user message (chat)
     or the prompt (completions), at most 16 words, or `max_tokens`/`max_completion_tokens` words with
     finish_reason "length" when that limit cut the reply. An endpoint whose env names no model accepts any
-    `model`. `cold_start_ms` delays the first worker-served request after it is set. `worker_error_200`
-    hits worker-served routes (runsync, run, openai); `http500` and `unauthorized` hit every inference route.
+    `model`. `worker_error_200` hits worker-served routes (runsync, run, openai); `http500` and
+    `unauthorized` hit every inference route.
+
+Worker lifecycle (see "the serverless worker lifecycle" below for the published file each rule follows)
+    A new endpoint's worker is scaled down: health shows it `idle` (image cached, model not loaded). The
+    first job wakes it: `initializing` for `cold_start_ms`, then it serves (`idle` + `ready`) until it
+    has had no job for the endpoint's `workers.idleTimeout`, when it scales down again and the next job
+    pays the cold start again. Jobs wait IN_QUEUE until a worker has initialized: an OpenAI-route
+    request hangs until its caller gives up, `/runsync` answers IN_QUEUE after `?wait` ms, `/run` jobs
+    stay IN_QUEUE. A worker of `runpod/worker-v1-vllm:v2.25.2` crash-loops (`unhealthy`) when the
+    endpoint's CUDA constraint admits drivers below 13.0, or when its `MODEL_NAME` is a gated model and the
+    env has no `HF_TOKEN`. Any worker whose cold start is longer than `RUNPOD_INIT_TIMEOUT` (default 420 s)
+    turns unhealthy when that time is up. An endpoint whose `workers.max` is 0 starts no worker.
+    `endpoint_knobs` on an account (POST /_sim/accounts) are the knobs its endpoints are created with.
 
 Run: python -m control.runpod_simulator [--host 127.0.0.1] [--port 0] [--accounts FILE] [--port-file FILE]
      [--state FILE]   (templates and endpoints: read at start if present, written at shutdown)
@@ -50,6 +65,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import string
@@ -88,6 +104,17 @@ def _t(*types: type, minimum: float | None = None, maximum: float | None = None,
         if isinstance(v, str | list) and len(v) < min_len:
             return [f"{path}: needs at least {min_len} item(s)"]
         return []
+
+    return check
+
+
+def _pattern(regex: str) -> Checker:
+    compiled = re.compile(regex)
+
+    def check(v: Any, path: str) -> list[str]:
+        if not isinstance(v, str):
+            return [f"{path}: expected str"]
+        return [] if compiled.search(v) else [f"{path}: does not match {regex}"]
 
     return check
 
@@ -142,15 +169,17 @@ _STRS = _arr(_STR)
 _CONTAINER_KEYS = ("image", "args", "disk", "ports", "env", "registry")
 _CONTAINER = {"image": _STR, "args": _STR, "disk": _t(int, minimum=1), "env": _map(_STR), "ports": _STRS,
               "registry": _t(str, type(None))}
+# `major.minor`, as CreateTemplateRequest / CreateEndpointGpuConfig give the CUDA fields
+_CUDA = _pattern(r"^\d+\.\d+$")
 _TEMPLATE_FIELDS = {
-    **_CONTAINER, "name": _NAME, "allowedCudaVersions": _STRS, "category": _enum("CPU", "NVIDIA", "AMD"),
+    **_CONTAINER, "name": _NAME, "allowedCudaVersions": _arr(_CUDA), "category": _enum("CPU", "NVIDIA", "AMD"),
     "mounts": _obj({"persistent": _obj({"size": _t(int, minimum=10), "path": _STR}, ("size", "path"))}),
     "public": _BOOL, "serverless": _BOOL, "startJupyter": _BOOL, "startSsh": _BOOL,
 }
 CREATE_TEMPLATE = _obj(_TEMPLATE_FIELDS, ("name", "image"))
 UPDATE_TEMPLATE = _obj(_TEMPLATE_FIELDS)
-_GPU = {"pools": _arr(_STR, 1), "excludedTypes": _STRS, "count": _t(int, minimum=1),
-        "allowedCudaVersions": _STRS, "minCudaVersion": _STR}
+_GPU = {"pools": _arr(_STR, 1), "excludedTypes": _arr(_pattern(r"^\s*[^-\s]")), "count": _t(int, minimum=1),
+        "allowedCudaVersions": _arr(_CUDA), "minCudaVersion": _CUDA}
 _ENDPOINT_FIELDS = {
     **_CONTAINER, "name": _NAME, "templateId": _NAME, "timeout": _INT, "dataCenterIds": _STRS,
     "networkVolumes": _STRS, "flashboot": _enum("OFF", "FLASHBOOT", "PRIORITY_FLASHBOOT"),
@@ -166,12 +195,13 @@ _ENDPOINT_FIELDS = {
 CREATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "type": _enum("QUEUE", "LOAD_BALANCER"),
                         "gpu": _obj(_GPU, ("pools",))}, ("name", "type", "scaling"))
 UPDATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "gpu": _obj(_GPU)})
-ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS}, ("id",))
 KEY = _obj({"key": _NAME, "read_only": _BOOL}, ("key",))
 HEALTH_STATES = ("ready", "initializing", "throttled", "unhealthy")
 FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized")
 KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
               "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0)})
+ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS,
+               "endpoint_knobs": KNOBS}, ("id",))
 RUN_BODY = _obj({"input": lambda v, p: [], "webhook": _STR, "policy": _t(dict)}, ("input",))
 FAIL_NEXT = _obj({"path_contains": _STR, "status": _t(int, minimum=100, maximum=599), "method": _STR,
                   "times": _t(int, minimum=1)}, ("path_contains",))
@@ -185,6 +215,7 @@ class Account:
     email: str | None
     keys: list[str] = field(default_factory=list)
     read_only_keys: list[str] = field(default_factory=list)
+    endpoint_knobs: dict[str, Any] = field(default_factory=dict)  # a test's knobs for endpoints created later
 
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,7 +238,10 @@ class Owned:
 @dataclass
 class SimEndpoint(Owned):
     knobs: Knobs = field(default_factory=Knobs)
-    warm: bool = False
+    started_at: float | None = None  # when the worker woke up (monotonic); None: scaled down
+    last_job_at: float = 0.0
+    waiting: int = 0  # jobs whose caller is still waiting for a worker
+    stranded: int = 0  # queued OpenAI-route jobs whose caller gave up: RunPod keeps them queued
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
@@ -302,6 +336,97 @@ def served_models(env: dict[str, str]) -> list[str]:
     return [name] if name else [m for m in env.get("MODEL_NAMES", "").split(";") if m]
 
 
+# --- the serverless worker lifecycle ------------------------------------------------------------------------
+# Worker states (runpod/docs `serverless/workers/overview.mdx`, "Worker states"): Initializing = downloading
+# the image, loading code and cached models; Idle = "scaled down, waiting for requests" (the image is
+# cached, the model is not loaded); Running; Throttled = no capacity on the host; Unhealthy = crashed,
+# auto-retried. Health counts (`serverless/endpoints/operation-reference.mdx` shows idle and running;
+# `initializing`, `ready`, `throttled`, `unhealthy` are from third-party captures, runpod.md §3):
+# this simulator reports `ready` for a worker that has finished initializing.
+# Jobs leave the queue only for a worker that has initialized, so jobs sent to a crash-looping or
+# never-starting worker stay IN_QUEUE (runpod-workers.md, "RunPod platform").
+
+# `serverless/development/optimization.mdx`: "If cold start exceeds 7 minutes, the worker is marked
+# unhealthy. Extend with `RUNPOD_INIT_TIMEOUT=800` (seconds)."
+DEFAULT_INIT_TIMEOUT_S = 420
+# runpod-workers/worker-vllm v2.25.2 `.runpod/hub.json` allows only CUDA "13.0"; commit dac05b6: a worker
+# scheduled on an older driver fails at container init ("unsatisfied condition: cuda>=13.0").
+IMAGE_MIN_CUDA = {"runpod/worker-v1-vllm:v2.25.2": (13, 0)}
+# Hugging Face orgs whose models are gated: worker-vllm `src/download_model.py` downloads with
+# token=HF_TOKEN, and the Hub refuses a gated repo without one, so the worker crashes at start.
+GATED_ORGS = ("meta-llama",)
+RUNSYNC_WAIT_MS = 90_000  # runpod.md §3: /runsync waits 90 s by default (`?wait=1000-300000` ms)
+JOB_POLL_S = 0.02
+
+
+def _cuda(version: str) -> tuple[int, int]:
+    major, _, minor = version.partition(".")
+    return int(major), int(minor or 0)
+
+
+def crash_reason(data: dict[str, Any]) -> str | None:
+    """Why a started worker of this endpoint crashes at start (RunPod retries it: a crash loop)."""
+    image, env, gpu = data.get("image") or "", data.get("env") or {}, data.get("gpu") or {}
+    needed = IMAGE_MIN_CUDA.get(image)
+    if needed is not None:
+        allowed, floor = gpu.get("allowedCudaVersions") or [], gpu.get("minCudaVersion")
+        guaranteed = (bool(allowed) and all(_cuda(v) >= needed for v in allowed)) or (
+            not allowed and floor is not None and _cuda(floor) >= needed)
+        if not guaranteed:
+            return f"unsatisfied condition: cuda>={needed[0]}.{needed[1]}"
+    model = env.get("MODEL_NAME", "")
+    if model.split("/", 1)[0] in GATED_ORGS and not env.get("HF_TOKEN"):
+        return f"401 Client Error: access to model {model} is restricted (gated repo)"
+    return None
+
+
+def init_timeout_s(data: dict[str, Any]) -> float:
+    try:
+        return float((data.get("env") or {}).get("RUNPOD_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_INIT_TIMEOUT_S
+
+
+def worker_phase(ep: SimEndpoint, now: float) -> str:
+    """scaled_down | initializing | serving | throttled | unhealthy | none (no worker may start)."""
+    if ep.knobs.health != "ready":
+        return ep.knobs.health
+    if ep.data["workers"].get("max", 0) == 0:
+        # `serverless/troubleshooting.mdx`: an endpoint scaled down to 0 max workers starts none.
+        return "none"
+    if ep.started_at is None:
+        return "scaled_down"
+    if crash_reason(ep.data) is not None:
+        return "unhealthy"
+    cold_s, allowed_s = ep.knobs.cold_start_ms / 1000, init_timeout_s(ep.data)
+    if now < ep.started_at + min(cold_s, allowed_s):
+        return "initializing"
+    if cold_s > allowed_s:
+        return "unhealthy"  # its cold start outlasted RUNPOD_INIT_TIMEOUT: marked unhealthy, retried
+    idle_timeout = ep.data["workers"].get("idleTimeout", 5)
+    if ep.waiting == 0 and now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000) > idle_timeout:
+        ep.started_at = None  # Flex worker scaled down after its idle timeout: the next job pays a cold start
+        return "scaled_down"
+    # A serving worker drains the queue: jobs whose callers left, and /run jobs.
+    ep.completed += ep.stranded
+    ep.stranded = 0
+    for job in ep.jobs.values():
+        if job["status"] == "IN_QUEUE":
+            job["status"] = "COMPLETED"
+            ep.completed += 1
+    return "serving"
+
+
+def health_counts(ep: SimEndpoint, now: float) -> dict[str, Any]:
+    phase = worker_phase(ep, now)
+    workers = dict.fromkeys(("idle", "running", "initializing", "ready", "throttled", "unhealthy"), 0)
+    workers.update({"scaled_down": {"idle": 1}, "serving": {"idle": 1, "ready": 1}, "none": {}}.get(
+        phase, {phase: 1}))
+    queued = ep.waiting + ep.stranded + sum(1 for j in ep.jobs.values() if j["status"] == "IN_QUEUE")
+    jobs = {"completed": ep.completed, "failed": ep.failed, "inProgress": 0, "inQueue": queued, "retried": 0}
+    return {"jobs": jobs, "workers": workers}
+
+
 class Simulator:
     def __init__(self, accounts: list[dict[str, Any]]) -> None:
         self.accounts: dict[str, Account] = {}
@@ -338,6 +463,7 @@ class Simulator:
             raise ValueError(f"keys already belong to another account: {taken}")
         acc = self.accounts.setdefault(spec["id"], Account(spec["id"], spec.get("email")))
         acc.email = spec.get("email", acc.email)
+        acc.endpoint_knobs = dict(spec.get("endpoint_knobs", acc.endpoint_knobs))
         for key in spec.get("keys", []):
             self.add_key(acc.id, key, False)
         for key in spec.get("read_only_keys", []):
@@ -547,14 +673,16 @@ class Simulator:
         if ("gpu" in body) == ("cpu" in body):
             raise _problem(400, "specify exactly one of gpu or cpu")
         data: dict[str, Any] = {
-            "id": _rand(14), "name": body["name"], "type": body["type"], "image": None, "args": "",
+            # The OpenAPI's Endpoint example id is `ep_abc123`: minting that shape keeps every test on an
+            # id with a non-alphanumeric character (ids observed from REST v1 were 14 lowercase alnums).
+            "id": "ep_" + _rand(11), "name": body["name"], "type": body["type"], "image": None, "args": "",
             "disk": 50, "ports": [], "env": {}, "registry": None,
             "workers": {"min": 0, "max": 3, "idleTimeout": 10}, "dataCenterIds": [], "networkVolumes": [],
             "timeout": 300000, "flashboot": "OFF", "templateId": body.get("templateId"),
             "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         self._apply_endpoint(acc, data, body, creating=True)
-        ep = self.endpoints[data["id"]] = SimEndpoint(acc.id, data)
+        ep = self.endpoints[data["id"]] = SimEndpoint(acc.id, data, Knobs(**acc.endpoint_knobs))
         return web.json_response(self._endpoint_view(request, ep), status=201)
 
     async def endpoint_item(self, request: web.Request) -> web.StreamResponse:
@@ -592,37 +720,67 @@ class Simulator:
         return ep
 
     async def _worker(self, request: web.Request) -> SimEndpoint:
-        """Resolves the endpoint for a worker-served route: pays the cold start, applies worker faults."""
+        """Resolves the endpoint for a worker-served route: the job waits in the queue until a worker has
+        initialized (waking a scaled-down one), however long that takes, then worker faults apply."""
         ep = self._target(request)
-        if not ep.warm:
-            await asyncio.sleep(ep.knobs.cold_start_ms / 1000)
-            ep.warm = True
+        if not await self._dispatch(request, ep, None):
+            raise _plain(499, {"error": "client closed the request"})  # nobody reads it; recorded
         if ep.knobs.fail == "worker_error_200":
             ep.failed += 1
             raise _plain(200, {"error": {"message": "worker crashed", "type": "worker_error", "code": None}})
         return ep
 
+    @staticmethod
+    async def _dispatch(request: web.Request, ep: SimEndpoint, wait_s: float | None) -> bool:
+        """Queues a job until a worker serves it. False: the caller gave up (the job stays queued, as on
+        RunPod) or `wait_s` passed."""
+        now = time.monotonic()
+        if worker_phase(ep, now) == "scaled_down":
+            ep.started_at = now  # a job wakes the scaled-down worker: its cold start begins
+        deadline = None if wait_s is None else now + wait_s
+        ep.waiting += 1
+        try:
+            while worker_phase(ep, time.monotonic()) != "serving":
+                if request.transport is None or request.transport.is_closing():
+                    ep.stranded += 1
+                    return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(JOB_POLL_S)
+        finally:
+            ep.waiting -= 1
+        ep.last_job_at = time.monotonic()
+        return True
+
     async def health(self, request: web.Request) -> web.StreamResponse:
-        ep = self._target(request)
-        workers = dict.fromkeys(("idle", "running", "initializing", "ready", "throttled", "unhealthy"), 0)
-        workers.update({"idle": 1, "ready": 1} if ep.knobs.health == "ready" else {ep.knobs.health: 1})
-        jobs = {"completed": ep.completed, "failed": ep.failed, "inProgress": 0, "inQueue": 0, "retried": 0}
-        return web.json_response({"jobs": jobs, "workers": workers})
+        return web.json_response(health_counts(self._target(request), time.monotonic()))
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        ep = await self._worker(request)
+        ep = self._target(request)
         body = await _json(request, _error_field, RUN_BODY)
+        sync = request.match_info["kind"] == "runsync"
+        try:
+            wait_ms = int(request.query.get("wait", RUNSYNC_WAIT_MS)) if sync else 0
+        except ValueError:
+            raise _plain(400, {"error": "wait must be an integer number of milliseconds"}) from None
+        served = await self._dispatch(request, ep, wait_ms / 1000)
         job = {"delayTime": 0, "executionTime": 1, "id": f"{uuid.uuid4()}-u1", "output": body["input"],
-               "status": "COMPLETED"}
+               "status": "COMPLETED" if served else "IN_QUEUE"}
         ep.jobs[job["id"]] = job
         if len(ep.jobs) > MAX_JOBS_PER_ENDPOINT:
             del ep.jobs[next(iter(ep.jobs))]
+        if not served:
+            return web.json_response({"id": job["id"], "status": "IN_QUEUE"})
+        if ep.knobs.fail == "worker_error_200":
+            ep.failed += 1
+            job["status"] = "FAILED"
+            raise _plain(200, {"error": {"message": "worker crashed", "type": "worker_error", "code": None}})
         ep.completed += 1
-        sync = request.match_info["kind"] == "runsync"
         return web.json_response(job if sync else {"id": job["id"], "status": "IN_QUEUE"})
 
     async def job(self, request: web.Request) -> web.StreamResponse:
         ep = self._target(request)
+        worker_phase(ep, time.monotonic())  # a serving worker has taken the queued jobs
         job = ep.jobs.get(request.match_info["job_id"])
         if job is None:
             raise _plain(404, {"error": "job not found"})
@@ -785,8 +943,8 @@ class Simulator:
             raise _plain(404, {"error": "unknown endpoint"})
         body = await _json(request, _error_field, KNOBS)
         ep.knobs = dataclasses.replace(ep.knobs, **body)
-        if "cold_start_ms" in body:  # re-arm: the next worker-served request pays the cold start
-            ep.warm = False
+        if "cold_start_ms" in body:  # re-arm: the worker scales down, the next job pays the cold start
+            ep.started_at = None
         return web.json_response(dataclasses.asdict(ep.knobs))
 
     async def sim_fail_next(self, request: web.Request) -> web.StreamResponse:

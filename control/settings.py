@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class ControlSettings:
     runpod_urls_given: bool
     managed_url: str
     managed_api_key: str | None
+    managed_hf_token: str | None = field(repr=False)
     master_key: str | None
     master_key_file: Path
     envoy_config: Path
@@ -69,6 +70,7 @@ class ControlSettings:
             runpod_urls_given=bool(api_url or inference_url),
             managed_url=(env_opt("GATEWAY_MANAGED_URL") or runtime.get("managed_url") or "https://api.runpod.ai").rstrip("/"),
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
+            managed_hf_token=env_opt("GATEWAY_MANAGED_HF_TOKEN"),
             master_key=env_opt("GATEWAY_MASTER_KEY"),
             master_key_file=Path(env_str("GATEWAY_MASTER_KEY_FILE", str(state_dir / "master.key"))),
             envoy_config=Path(env_str("GATEWAY_ENVOY_CONFIG", str(REPO_ROOT / "envoy" / "envoy.yaml"))),

@@ -28,9 +28,15 @@ ROUTES: dict[str, Route] = {
 }
 
 MODEL_PREFIX = "/v1/models/"
-# RunPod endpoint ids are lowercase alphanumerics; anything else in our own database is refused rather
-# than spliced into a path.
-_ENDPOINT_ID_RE = re.compile(r"[a-z0-9]{1,64}")
+# RunPod endpoint ids: lowercase alphanumerics as REST v1 returned them (`jpnw0v75y3qoql`), and the REST v2
+# API reference's `ep_abc123` (the Endpoint schema's example id). Letters, digits, `_` and `-` are all
+# unreserved in a URL, so no id of this alphabet can change a path; anything else (`/`, `.`, `%`, `?`,
+# `#`, `\`, ...) in our own database is refused rather than spliced into one.
+_ENDPOINT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_endpoint_id(value: str) -> bool:
+    return _ENDPOINT_ID_RE.fullmatch(value) is not None
 
 
 def split_path(raw: str) -> str:
@@ -44,7 +50,7 @@ def upstream_path(endpoint_id: str, route: Route) -> str | None:
 
 @functools.lru_cache(maxsize=4096)  # a check's hot path: the same few deployments over and over
 def _upstream_path(endpoint_id: str, route_name: str) -> str | None:
-    if _ENDPOINT_ID_RE.fullmatch(endpoint_id) is None:
+    if not is_endpoint_id(endpoint_id):
         return None
     return f"/v2/{endpoint_id}/openai/v1/{route_name}"
 

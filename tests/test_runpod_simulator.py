@@ -155,7 +155,7 @@ def test_endpoints(sim: str) -> None:
     assert created.status == 201, created.body
     ep = created.json()
     eid = ep["id"]
-    assert re.fullmatch(r"[a-z0-9]{14}", eid)
+    assert re.fullmatch(r"ep_[a-z0-9]{11}", eid)
     assert ep["env"] == {"MODEL_NAME": "m", "A": "2", "B": "3"} and ep["image"] == "img"
     assert ep["gpu"] == {"pools": ["ADA_24"], "count": 1, "allowedCudaVersions": [], "minCudaVersion": None}
     assert ep["workers"] == {"min": 0, "max": 2, "idleTimeout": 10} and ep["templateId"] == tpl["id"]
@@ -203,11 +203,13 @@ def test_queue_routes_and_auth(sim: str) -> None:
         assert (reply.status, reply.json()) == (401, {"error": "Unauthorized"})
     assert call("GET", f"{sim}/v2/nosuchendpoint1/health", key=key).status == 404
     health = call("GET", f"{base}/health", key=key).json()
-    assert health["workers"] == {"idle": 1, "running": 0, "initializing": 0, "ready": 1, "throttled": 0,
+    # Scaled down: idle means the image is cached, no worker has loaded the model.
+    assert health["workers"] == {"idle": 1, "running": 0, "initializing": 0, "ready": 0, "throttled": 0,
                                  "unhealthy": 0}
     assert set(health["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}
     sync = call("POST", f"{base}/runsync", {"input": {"x": 1}}, key).json()
     assert sync["status"] == "COMPLETED" and sync["output"] == {"x": 1}
+    assert call("GET", f"{base}/health", key=key).json()["workers"]["ready"] == 1
     queued = call("POST", f"{base}/run", {"input": {"y": 2}}, key).json()
     assert queued["status"] == "IN_QUEUE"
     assert call("GET", f"{base}/status/{queued['id']}", key=key).json()["output"] == {"y": 2}
@@ -348,7 +350,11 @@ def test_knobs_and_fail_next(sim: str) -> None:
 
     assert call("PATCH", knobs, {"health": "throttled"}).json()["health"] == "throttled"
     assert call("GET", f"{base}/health", key=key).json()["workers"]["throttled"] == 1
+    # No worker gets a GPU: the job stays in the queue.
+    assert call("POST", f"{base}/runsync?wait=100", {"input": {}}, key).json()["status"] == "IN_QUEUE"
+    assert call("GET", f"{base}/health", key=key).json()["jobs"]["inQueue"] == 1
     assert call("PATCH", knobs, {"health": "sleepy"}).status == 400
+    call("PATCH", knobs, {"health": "ready"})
     assert call("PATCH", f"{sim}/_sim/endpoints/nosuchendpoint1", {"fail": "none"}).status == 404
 
     call("PATCH", knobs, {"cold_start_ms": 300, "stream_delay_ms": 50})
@@ -427,3 +433,98 @@ def test_state_file_keeps_templates_and_endpoints_across_a_restart(tmp_path: Any
         chat = call("POST", f"{base}/v2/{kept['id']}/openai/v1/chat/completions",
                     {"model": "m", "messages": [{"role": "user", "content": "again"}]}, key)
         assert chat.status == 200 and chat.json()["choices"][0]["message"]["content"] == "Echo: again"
+
+
+def vllm_endpoint(base: str, key: str, env: dict[str, str], gpu: dict[str, Any]) -> str:
+    tpl = call("POST", f"{base}/v2/templates", {"name": f"t-{uuid.uuid4().hex[:8]}", "serverless": True,
+                                                 "image": "runpod/worker-v1-vllm:v2.25.2", "env": env}, key)
+    assert tpl.status == 201, tpl.body
+    ep = call("POST", f"{base}/v2/serverless", {"name": "e", "type": "QUEUE", "templateId": tpl.json()["id"],
+                                                "gpu": {"pools": ["ADA_24"], **gpu}, "workers": {"idleTimeout": 1},
+                                                "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}}, key)
+    assert ep.status == 201, ep.body
+    return str(ep.json()["id"])
+
+
+def workers(base: str, eid: str, key: str) -> dict[str, int]:
+    return {k: v for k, v in call("GET", f"{base}/v2/{eid}/health", key=key).json()["workers"].items() if v}
+
+
+def test_worker_lifecycle_cold_start_and_scale_down(sim: str) -> None:
+    _, key = new_account(sim)
+    eid = vllm_endpoint(sim, key, {"MODEL_NAME": "org/m"}, {"allowedCudaVersions": ["13.0"]})
+    base = f"{sim}/v2/{eid}"
+    assert workers(sim, eid, key) == {"idle": 1}  # image cached, no model loaded
+    call("PATCH", f"{sim}/_sim/endpoints/{eid}", {"cold_start_ms": 600})
+    queued = call("POST", f"{base}/run", {"input": {"n": 1}}, key).json()
+    assert queued["status"] == "IN_QUEUE"
+    assert workers(sim, eid, key) == {"initializing": 1}
+    health = call("GET", f"{base}/health", key=key).json()
+    assert health["jobs"]["inQueue"] == 1
+    assert call("GET", f"{base}/status/{queued['id']}", key=key).json()["status"] == "IN_QUEUE"
+    time.sleep(0.7)
+    assert workers(sim, eid, key) == {"idle": 1, "ready": 1}
+    assert call("GET", f"{base}/status/{queued['id']}", key=key).json()["status"] == "COMPLETED"
+    assert call("GET", f"{base}/health", key=key).json()["jobs"]["inQueue"] == 0
+    time.sleep(1.2)  # idleTimeout 1 s: the worker scales down and the next job pays the cold start again
+    assert workers(sim, eid, key) == {"idle": 1}
+    started = time.monotonic()
+    assert call("GET", f"{base}/openai/v1/models", key=key).status == 200
+    assert time.monotonic() - started >= 0.55
+
+
+@pytest.mark.parametrize("env, gpu", [
+    ({"MODEL_NAME": "org/m"}, {}),  # no CUDA constraint: lands on drivers below 13.0
+    ({"MODEL_NAME": "org/m"}, {"allowedCudaVersions": ["13.0", "12.8"]}),
+    ({"MODEL_NAME": "org/m"}, {"minCudaVersion": "12.4"}),
+    ({"MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct"}, {"allowedCudaVersions": ["13.0"]}),  # gated, no token
+])
+def test_workers_that_never_start_leave_jobs_in_queue(sim: str, env: dict[str, str], gpu: dict[str, Any]) -> None:
+    _, key = new_account(sim)
+    eid = vllm_endpoint(sim, key, env, gpu)
+    base = f"{sim}/v2/{eid}"
+    assert call("POST", f"{base}/runsync?wait=200", {"input": {}}, key).json()["status"] == "IN_QUEUE"
+    assert workers(sim, eid, key) == {"unhealthy": 1}
+    # An OpenAI-route request hangs until its caller gives up; its job stays queued.
+    with pytest.raises(OSError):
+        import urllib.request
+        req = urllib.request.Request(f"{base}/openai/v1/models", headers={"Authorization": f"Bearer {key}"})
+        urllib.request.urlopen(req, timeout=0.5)
+    time.sleep(0.1)
+    assert call("GET", f"{base}/health", key=key).json()["jobs"]["inQueue"] == 2
+
+
+def test_a_gated_model_with_a_token_and_cuda_13_starts(sim: str) -> None:
+    _, key = new_account(sim)
+    eid = vllm_endpoint(sim, key, {"MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct", "HF_TOKEN": "hf_x"},
+                        {"minCudaVersion": "13.0"})
+    assert call("GET", f"{sim}/v2/{eid}/openai/v1/models", key=key).status == 200
+
+
+def test_init_timeout_and_scaled_down_endpoints(sim: str) -> None:
+    _, key = new_account(sim)
+    eid = vllm_endpoint(sim, key, {"MODEL_NAME": "org/m", "RUNPOD_INIT_TIMEOUT": "1"},
+                        {"allowedCudaVersions": ["13.0"]})
+    call("PATCH", f"{sim}/_sim/endpoints/{eid}", {"cold_start_ms": 5000})
+    assert call("POST", f"{sim}/v2/{eid}/run", {"input": {}}, key).json()["status"] == "IN_QUEUE"
+    assert workers(sim, eid, key) == {"initializing": 1}
+    time.sleep(1.1)
+    assert workers(sim, eid, key) == {"unhealthy": 1}  # cold start outlasted RUNPOD_INIT_TIMEOUT
+    # RunPod scaled the endpoint down to 0 max workers: nothing starts, jobs wait.
+    other = vllm_endpoint(sim, key, {"MODEL_NAME": "org/m"}, {"allowedCudaVersions": ["13.0"]})
+    call("PATCH", f"{sim}/v2/serverless/{other}", {"workers": {"max": 0}}, key)
+    assert call("POST", f"{sim}/v2/{other}/runsync?wait=100", {"input": {}}, key).json()["status"] == "IN_QUEUE"
+    health = call("GET", f"{sim}/v2/{other}/health", key=key).json()
+    assert (health["jobs"]["inQueue"], {k: v for k, v in health["workers"].items() if v}) == (1, {})
+
+
+def test_cuda_versions_are_validated_as_the_openapi_says(sim: str) -> None:
+    _, key = new_account(sim)
+    bad = call("POST", f"{sim}/v2/templates", {"name": "c", "image": "i", "allowedCudaVersions": ["13"]}, key)
+    assert bad.status == 422 and "allowedCudaVersions[0]" in bad.json()["detail"]
+    tpl = call("POST", f"{sim}/v2/templates", {"name": "c", "image": "i", "serverless": True}, key).json()
+    body = {"name": "e", "type": "QUEUE", "templateId": tpl["id"], "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}}
+    for gpu in ({"pools": ["ADA_24"], "minCudaVersion": "v13"}, {"pools": ["ADA_24"], "allowedCudaVersions": [13]}):
+        assert call("POST", f"{sim}/v2/serverless", {**body, "gpu": gpu}, key).status == 422
+    both = {"pools": ["ADA_24"], "allowedCudaVersions": ["13.0"], "minCudaVersion": "12.0"}
+    assert call("POST", f"{sim}/v2/serverless", {**body, "gpu": both}, key).status == 400
