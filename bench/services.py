@@ -34,7 +34,8 @@ STREAM_MODEL = "bench-stream"
 # environment (EXTAUTH_REPLICAS, EXTAUTH_CACHE_SIZE, GATEWAY_ENVOY_CONFIG, ...) is passed on, so a run
 # can measure a tuning.
 _OWN_SETTINGS = (
-    "GATEWAY_STATE_DIR", "GATEWAY_LISTEN", "GATEWAY_ADMIN", "GATEWAY_ACCESS_LOG", "GATEWAY_MASTER_KEY",
+    "GATEWAY_STATE_DIR", "GATEWAY_LISTEN", "GATEWAY_ADMIN", "GATEWAY_STATS_LISTEN", "GATEWAY_ACCESS_LOG",
+    "GATEWAY_MASTER_KEY", "GATEWAY_EXTAUTH_SECRET",
     "GATEWAY_MASTER_KEY_FILE", "EXTAUTH_LISTEN", "EXTAUTH_METRICS_LISTEN", "METER_METRICS_LISTEN",
     "DATABASE_URL", "REDIS_URL", "RUNPOD_API_URL", "RUNPOD_INFERENCE_URL",
 )
@@ -170,6 +171,7 @@ class Services:
             "GATEWAY_STATE_DIR": str(state_dir),
             "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
             "GATEWAY_ADMIN": f"127.0.0.1:{free_port()}",
+            "GATEWAY_STATS_LISTEN": f"127.0.0.1:{free_port()}",
             "EXTAUTH_LISTEN": f"127.0.0.1:{free_ports(replicas)}",
             "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{free_ports(replicas)}",
             "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",

@@ -110,6 +110,11 @@ class Gateway:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def stats_url(self) -> str:
+        """The stats listener Prometheus scrapes (GATEWAY_STATS_LISTEN)."""
+        return f"http://{self.env['GATEWAY_STATS_LISTEN']}"
+
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "control.cli", *args], env=self.env, cwd=ROOT, input=stdin,
@@ -159,6 +164,7 @@ def start_gateway(
         "GATEWAY_STATE_DIR": str(state_dir),
         "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
         "GATEWAY_ADMIN": f"127.0.0.1:{admin}",
+        "GATEWAY_STATS_LISTEN": f"127.0.0.1:{free_port()}",
         "EXTAUTH_LISTEN": f"127.0.0.1:{extauth}",
         "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{extauth_metrics}",
         "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
