@@ -10,6 +10,7 @@ docker-compose.grpc.yml (compose keeps the file's addresses).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,6 +69,15 @@ def _point_at(cluster: dict[str, Any], base_url: str, setting: str) -> None:
             matcher["matcher"] = {"exact": url.hostname}
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _ext_authz_filter(listener: dict[str, Any]) -> dict[str, Any]:
     for chain in listener["filter_chains"]:
         for network_filter in chain["filters"]:
@@ -117,6 +127,10 @@ def render(
     managed_url: str,
     access_log: Path,
 ) -> dict[str, Any]:
+    if not _loopback(admin.host):
+        # The admin stops Envoy and makes it log secrets; Prometheus has the stats listener instead.
+        raise SettingsError(f"GATEWAY_ADMIN must be a loopback address, got {admin}; "
+                            "scrape /stats/prometheus on GATEWAY_STATS_LISTEN instead")
     config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
     config["admin"]["address"] = _socket(admin)
     resources = config["static_resources"]

@@ -256,8 +256,15 @@ class Stack:
         self._envoy(private, effective)
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
-        if not wait_for(lambda: extauth_hosts_healthy(f"http://{s.admin}", len(replicas)), 30):
+        # Ready means Envoy sees every replica healthy, and only this start's replicas can be (their
+        # /health answers only this start's secret).
+        def settled() -> bool:
+            return self._any_exited() is not None or extauth_hosts_healthy(f"http://{s.admin}", len(replicas))
+
+        if not wait_for(settled, 30):
             raise self._fail("ext_authz health checking", "envoy")
+        if (exited := self._any_exited()) is not None:
+            raise self._exited(exited)
 
         self.runtime = {
             "pid": os.getpid(),
@@ -302,6 +309,9 @@ class Stack:
             raise self._fail("the RunPod simulator", "runpod-simulator")
         self.say(f"runpod     simulator, {url}")
         return url, key
+
+    def _any_exited(self) -> Child | None:
+        return next((c for c in self.children if not c.retiring and c.proc.poll() is not None), None)
 
     def _exited(self, child: Child) -> ControlError:
         code = child.proc.returncode

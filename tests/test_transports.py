@@ -10,6 +10,7 @@ import openai
 import pytest
 import yaml
 
+from control.settings import read_runtime
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
 from tests.support import ROOT, call, wait_until
 
@@ -136,3 +137,41 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     wait_until(lambda: {line.get("decision") for line in logged()} >= {"allow", "local"}, 5, "the log lines")
     assert any(line.get("prompt_tokens") for line in logged())
     assert {line.get("error_code") for line in logged()} >= {"model_not_found"}
+
+
+def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
+    grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator
+) -> None:
+    """An attacker on the internal network with a valid gateway key, speaking Envoy's own gRPC API."""
+    import grpc
+    from envoy.service.auth.v3 import attribute_context_pb2 as attributes
+    from envoy.service.auth.v3 import external_auth_pb2 as authz
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.test_custody import process_env
+
+    t = make_tenant(gateway, simulator)
+    secret = process_env(read_runtime(grpc_gateway.state_dir)["pids"]["extauth-0"])["GATEWAY_EXTAUTH_SECRET"]
+    request = authz.CheckRequest(attributes=attributes.AttributeContext(request=attributes.AttributeContext.Request(
+        http=attributes.AttributeContext.HttpRequest(
+            method="POST", path="/v1/chat/completions",
+            headers={"authorization": f"Bearer {t.api_key}", "x-gateway-model": t.chat_model,
+                     # Where a client's own headers travel: never taken as the secret.
+                     "x-gateway-secret": secret}))))
+    with grpc.insecure_channel(grpc_gateway.env["EXTAUTH_LISTEN"]) as channel:
+        check = authz_grpc.AuthorizationStub(channel).Check
+        # The control: with Envoy's metadata the same request is a decision carrying the RunPod key.
+        allowed = check(request, metadata=[("x-gateway-secret", secret)], timeout=5)
+        assert f"Bearer {t.runpod_key}" in str(allowed)
+        for metadata in ([], [("x-gateway-secret", "wrong")], [("x-gateway-secret", secret[:-1])]):
+            with pytest.raises(grpc.RpcError) as refused:
+                check(request, metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert t.runpod_key not in str(refused.value) and secret not in str(refused.value)
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        served = health.Check(health_pb2.HealthCheckRequest(), metadata=[("x-gateway-secret", secret)], timeout=5)
+        assert served.status == health_pb2.HealthCheckResponse.SERVING
