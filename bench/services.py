@@ -161,8 +161,10 @@ class Services:
             if reply.status != 200:
                 raise HarnessError(f"the simulator refused the stream delay: {reply.status}")
 
-    def start_gateway(self, database_url: str, inference_url: str) -> Gateway:
-        state_dir = self.tmp / "state"
+    def start_gateway(
+        self, database_url: str, inference_url: str, name: str = "state", extra_env: dict[str, str] | None = None
+    ) -> Gateway:
+        state_dir = self.tmp / name
         replicas = int(os.environ.get("EXTAUTH_REPLICAS", "1"))
         listen = free_port()
         env = {
@@ -179,8 +181,9 @@ class Services:
             "REDIS_URL": self.redis_url,
             "RUNPOD_API_URL": self.simulator_url,
             "RUNPOD_INFERENCE_URL": inference_url,
+            **(extra_env or {}),
         }
-        child = self.procs.spawn("gatewayctl-up", [sys.executable, "-m", "control.cli", "up"], env)
+        child = self.procs.spawn(f"gatewayctl-up-{name}", [sys.executable, "-m", "control.cli", "up"], env)
         from control.settings import read_runtime
 
         deadline = time.monotonic() + 90
