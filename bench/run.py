@@ -3,8 +3,9 @@
 Order matters on two shared cores. The meter's throughput is measured first, on an otherwise idle box.
 Bare Envoy runs before the gateway so the meter's catching up after gateway load never overlaps the
 baseline. The full gateway over the gRPC transport (EXTAUTH_TRANSPORT=grpc, the same envoy.yaml) runs
-after the HTTP gateway's measurements, alone, and is stopped before the soak. The soak comes last and is the longest part, so its start sees an ext_authz already warmed by
-everything before it and a flat RSS means no growth per request rather than warm-up.
+after the HTTP gateway's measurements, alone, and is stopped before the soak. The soak comes last and
+is the longest part, so its start sees an ext_authz already warmed by everything before it and a flat
+RSS means no growth per request rather than warm-up.
 """
 
 from __future__ import annotations

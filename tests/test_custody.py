@@ -265,3 +265,19 @@ def test_a_replica_that_cannot_listen_stops_the_stack_instead_of_looping(
     log = (tmp_path / "state" / "logs" / "extauth-0.log").read_text()
     assert log.count("cannot listen on") == 1, "started once, never restarted"
     wait_until(lambda: read_runtime(tmp_path / "state") == {}, 5, "the stack to clean up")
+
+
+def test_ext_authz_will_not_start_without_a_secret_and_never_echoes_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extauth.settings import ExtauthSettings
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("REDIS_URL", "redis://x:1/0")
+    monkeypatch.delenv("GATEWAY_EXTAUTH_SECRET", raising=False)
+    with pytest.raises(SettingsError, match="GATEWAY_EXTAUTH_SECRET"):
+        ExtauthSettings.from_env()
+    monkeypatch.setenv("GATEWAY_EXTAUTH_SECRET", "short-but-secret")
+    with pytest.raises(SettingsError) as info:
+        ExtauthSettings.from_env()
+    assert "short-but-secret" not in str(info.value)
+    monkeypatch.setenv("GATEWAY_EXTAUTH_SECRET", "s" * 32)
+    assert ExtauthSettings.from_env().envoy_secret == "s" * 32
