@@ -27,6 +27,8 @@ EXTAUTH_FILTER = "envoy.filters.http.ext_authz"
 GRPC_TRANSPORT_METADATA = "gateway.grpc_transport"
 TRANSPORTS = ("http", "grpc")
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# What envoy.yaml adds to everything it sends ext_authz (extauth/custody.py).
+SECRET_VALUE = "%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%"
 EXTAUTH_CLUSTER = "extauth"
 EXTAUTH_ADMIN_CLUSTER = "extauth_admin"
 RUNPOD_CLUSTER = "runpod"
@@ -114,6 +116,26 @@ def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
     return config
 
 
+def _sends_secret(block: Any) -> bool:
+    return SECRET_VALUE in yaml.safe_dump(block)
+
+
+def require_secret(config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a config whose checks or health checks would reach ext_authz without the secret: every one
+    would be refused, and the stack would never turn ready, for a reason far from the cause."""
+    resources = config["static_resources"]
+    authz = _ext_authz_filter(_named(resources["listeners"], LISTENER, "listener"))
+    service = authz.get("http_service", {}).get("authorization_request") or authz.get("grpc_service")
+    checks = _named(resources["clusters"], EXTAUTH_CLUSTER, "cluster").get("health_checks", [])
+    missing = [what for what, block in (("the ext_authz filter", service), (f"the {EXTAUTH_CLUSTER!r} health check",
+                                                                             checks))
+               if not _sends_secret(block)]
+    if missing:
+        raise SettingsError(f"{' and '.join(missing)} must send x-gateway-secret: {SECRET_VALUE} "
+                            "(README, \"Key custody\")")
+    return config
+
+
 def render(
     source: Path,
     *,
@@ -149,7 +171,7 @@ def render(
 
     _point_at(_named(resources["clusters"], RUNPOD_CLUSTER, "cluster"), runpod_inference_url, "RUNPOD_INFERENCE_URL")
     _point_at(_named(resources["clusters"], MANAGED_CLUSTER, "cluster"), managed_url, "GATEWAY_MANAGED_URL")
-    return select_transport(config, transport)
+    return require_secret(select_transport(config, transport))
 
 
 def write(config: dict[str, Any], target: Path) -> Path:

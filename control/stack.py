@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from control import envoy_config
 from control.crypto import load_keyring
 from control.embedded import postgres_alive, restart_postgres, start_postgres, start_redis
-from control.env import HostPort
+from control.env import HostPort, SettingsError
 from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.net import EXIT_CANNOT_LISTEN, free_port, port_taken, wait_for, wait_for_http
@@ -166,14 +168,20 @@ class Stack:
         """Apply an edited envoy.yaml without dropping traffic: validate it, then hot-restart Envoy; the
         old epoch drains its connections and exits. An invalid file leaves the running Envoy alone."""
         self._epoch += 1
-        config = self._render_envoy()
-        check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                               cwd=self.settings.envoy_config.parent.parent, capture_output=True, text=True)
-        if check.returncode != 0:
+        error: str | None = None
+        try:
+            config = self._render_envoy()
+        except (SettingsError, OSError, yaml.YAMLError) as err:  # e.g. a block the launcher finds by name
+            error = str(err)
+        else:
+            check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                                   cwd=self.settings.envoy_config.parent.parent, capture_output=True, text=True)
+            if check.returncode != 0:
+                error = ((check.stdout + check.stderr).strip().splitlines()[-1:] or ["invalid"])[0]
+        if error is not None:
             self._epoch -= 1
-            error = (check.stdout + check.stderr).strip().splitlines()[-1:] or ["invalid"]
-            self.runtime["last_reload"] = {"ok": False, "error": error[0]}
-            self.say(f"reload refused: {error[0]}")
+            self.runtime["last_reload"] = {"ok": False, "error": error}
+            self.say(f"reload refused: {error}")
         else:
             for child in self.children:
                 if child.name == "envoy":

@@ -281,3 +281,27 @@ def test_ext_authz_will_not_start_without_a_secret_and_never_echoes_one(monkeypa
     assert "short-but-secret" not in str(info.value)
     monkeypatch.setenv("GATEWAY_EXTAUTH_SECRET", "s" * 32)
     assert ExtauthSettings.from_env().envoy_secret == "s" * 32
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_an_edited_config_that_would_not_send_the_secret_is_refused_by_name(tmp_path: Path, transport: str) -> None:
+    """Every check would be refused and the stack never turn ready: say why, at render time."""
+    from tests.support import envoy_copy
+
+    path = envoy_copy(tmp_path)
+    text = path.read_text()
+    key = "health check" if transport == "http" else "ext_authz filter"
+    edited = text.replace("""        path: /health
+        request_headers_to_add:
+        - header: { key: x-gateway-secret, value: "%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%" }
+""", "        path: /health\n") if transport == "http" else text.replace(
+        """            initial_metadata:
+            - { key: x-gateway-secret, value: "%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%" }
+""", "")
+    assert edited != text
+    path.write_text(edited)
+    with pytest.raises(SettingsError, match=f"{key}.*must send x-gateway-secret"):
+        envoy_config.render(path, listen=HostPort("127.0.0.1", 1), admin=HostPort("127.0.0.1", 2),
+                            stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
+                            extauth_admin=[HostPort("127.0.0.1", 5)], transport=transport,
+                            runpod_inference_url="http://x", managed_url="http://x", access_log=tmp_path / "a.log")
