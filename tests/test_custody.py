@@ -305,3 +305,19 @@ def test_an_edited_config_that_would_not_send_the_secret_is_refused_by_name(tmp_
                             stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
                             extauth_admin=[HostPort("127.0.0.1", 5)], transport=transport,
                             runpod_inference_url="http://x", managed_url="http://x", access_log=tmp_path / "a.log")
+
+
+def test_the_meter_that_cannot_listen_exits_with_the_status_the_launcher_treats_as_fatal(tmp_path: Path) -> None:
+    """As ext_authz does (test above, under `up`): a taken port is not retried."""
+    from control.net import EXIT_CANNOT_LISTEN
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "DATABASE_URL": "postgresql://127.0.0.1:1/none", "GATEWAY_STATE_DIR": str(tmp_path),
+               "METER_METRICS_LISTEN": f"127.0.0.1:{port}"}
+        done = subprocess.run([sys.executable, "-m", "meter"], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+    assert done.returncode == EXIT_CANNOT_LISTEN, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
