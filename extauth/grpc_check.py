@@ -1,6 +1,7 @@
 """The ext_authz gRPC transport (`envoy.service.auth.v3.Authorization/Check` and gRPC health), for
-operators who run Envoy's ext_authz filter with `grpc_service` (README, "The gRPC transport"). Served on
-EXTAUTH_LISTEN with EXTAUTH_TRANSPORT=grpc; it renders the same Decision as the HTTP transport. Envoy
+operators who set EXTAUTH_TRANSPORT=grpc (README, "The gRPC transport": Envoy then runs the gRPC blocks
+of envoy/envoy.yaml). Served on EXTAUTH_LISTEN; it renders the same Decision as the HTTP transport, and
+both services answer only calls carrying Envoy's secret as gRPC metadata (extauth/custody.py). Envoy
 and Python together spend several times the CPU per check that the HTTP transport costs, hence not the
 default. `/v1/models` is answered inside the CheckResponse (a 200 "denied" response never forwarded).
 """
