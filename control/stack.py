@@ -233,6 +233,7 @@ class Stack:
             "GATEWAY_ACCESS_LOG": str(s.access_log),
         }
         # Only Envoy and ext_authz know this start's secret (never the meter, the logs or runtime.json).
+        env.pop("GATEWAY_EXTAUTH_SECRET", None)
         private = {**env, "GATEWAY_EXTAUTH_SECRET": secrets.token_urlsafe(32), "EXTAUTH_TRANSPORT": s.extauth_transport}
         self._env = private
         self._urls = (inference_url, managed_url)
