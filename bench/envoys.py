@@ -104,9 +104,12 @@ def bare_config(port: int, upstream_port: int) -> dict[str, Any]:
                                  "clusters": [_cluster("upstream", upstream_port)]}}
 
 
-def shipped_ext_authz(shipped: Path) -> dict[str, Any]:
-    """The ext_authz filter of the shipped config, unchanged (its cluster is named `extauth`)."""
-    config = yaml.safe_load(shipped.read_text(encoding="utf-8"))
+def shipped_ext_authz(shipped: Path, transport: str) -> dict[str, Any]:
+    """The ext_authz filter of the shipped config with `transport` selected as `gatewayctl up` selects it
+    (EXTAUTH_TRANSPORT), otherwise unchanged (its cluster is named `extauth`)."""
+    from control.envoy_config import select_transport
+
+    config = select_transport(yaml.safe_load(shipped.read_text(encoding="utf-8")), transport)
     for listener in config["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
@@ -119,13 +122,10 @@ def shipped_ext_authz(shipped: Path) -> dict[str, Any]:
 def trivial_authz_config(
     port: int, upstream_port: int, authz_port: int, ext_authz: dict[str, Any], transport: str
 ) -> dict[str, Any]:
-    """Bare Envoy plus the shipped ext_authz filter. For gRPC, edited as README's "The gRPC transport"
-    says: the `http_service` block becomes a `grpc_service`, and the cluster speaks HTTP/2."""
+    """Bare Envoy plus the shipped ext_authz filter of that transport (shipped_ext_authz); for gRPC the
+    cluster speaks HTTP/2, as the gateway's does."""
     authz_cluster = _cluster("extauth", authz_port)
     if transport == "grpc":
-        typed = {k: v for k, v in ext_authz["typed_config"].items() if k != "http_service"}
-        typed["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s"}
-        ext_authz = {**ext_authz, "typed_config": typed}
         authz_cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},

@@ -2,8 +2,10 @@
 
 Order matters on two shared cores. The meter's throughput is measured first, on an otherwise idle box.
 Bare Envoy runs before the gateway so the meter's catching up after gateway load never overlaps the
-baseline. The soak comes last and is the longest part, so its start sees an ext_authz already warmed by
-everything before it and a flat RSS means no growth per request rather than warm-up.
+baseline. The full gateway over the gRPC transport (EXTAUTH_TRANSPORT=grpc, the same envoy.yaml) runs
+after the HTTP gateway's measurements, alone, and is stopped before the soak. The soak comes last and
+is the longest part, so its start sees an ext_authz already warmed by everything before it and a flat
+RSS means no growth per request rather than warm-up.
 """
 
 from __future__ import annotations
@@ -260,8 +262,9 @@ class Bench:
         bare_wrk, _ = self.throughput("bare", bare_port, script, {
             "envoy": [bare.proc.pid], "upstream": [upstream.proc.pid]})
 
-        ext_authz = envoys.shipped_ext_authz(settings_for(gateway.env).envoy_config)
-        ceilings = {transport: self.ceiling(transport, envoy, upstream, ext_authz, script)
+        shipped = settings_for(gateway.env).envoy_config
+        ceilings = {transport: self.ceiling(transport, envoy, upstream, envoys.shipped_ext_authz(shipped, transport),
+                                            script)
                     for transport in ("grpc", "http")}
         say("throughput, gateway")
         gw_roles = {**pids, "upstream": [upstream.proc.pid]}
@@ -289,13 +292,64 @@ class Bench:
         first_token = ttft.measure(gateway_stream, direct_stream, cfg.ttft_samples)
         self.details["ttft"] = asdict(first_token)
 
+        grpc_wrk, grpc_cpu, ol_grpc = self.grpc_gateway(f"http://127.0.0.1:{upstream_port}", upstream)
+
         say(f"soak: {cfg.soak_rate:g} req/s through the gateway for {cfg.soak_s:g} s")
         rss_start, rss_end, rss_max = self.soak(gateway, tenant)
         if gateway.child.proc.poll() is not None:
             raise HarnessError(f"the gateway exited during the run:\n{tail(gateway.child.log.read_text())}")
         self.details["meter_rows_vs_log_lines"] = self._meter_consistency(gateway)
-        return self._rows(meter_run, bare_wrk, ceilings, gw_wrk, gw_cpu, lag, ol_bare, ol_gw, first_token,
+        rows = self._rows(meter_run, bare_wrk, ceilings, gw_wrk, gw_cpu, lag, ol_bare, ol_gw, first_token,
                           (rss_start, rss_end, rss_max))
+        # Side by side: the gRPC transport's rows right after the (shipped) HTTP gateway's.
+        after = next(i for i, row in enumerate(rows) if row.key == "envoy_cpu_us") + 1
+        rows[after:after] = self._grpc_rows(grpc_wrk, grpc_cpu, ceilings, ol_bare, ol_grpc)
+        return rows
+
+    def grpc_gateway(
+        self, inference_url: str, upstream: Child
+    ) -> tuple[wrk.WrkResult, dict[str, float], dict[str, Any]]:
+        """The full gateway once more, with EXTAUTH_TRANSPORT=grpc and nothing else changed: its own state
+        and database, started only now and stopped right after, so it never shares the cores with the
+        HTTP gateway's measurements."""
+        services = self.services
+        say("starting the gateway over gRPC (EXTAUTH_TRANSPORT=grpc)")
+        gateway = services.start_gateway(services.create_database("gateway_grpc"), inference_url, name="state-grpc",
+                                         extra_env={"EXTAUTH_TRANSPORT": "grpc"})
+        tenant = services.provision(gateway)
+        self.check_reply(gateway.listen_port, tenant.api_key)
+        script = wrk.write_script(self.tmp / "chat-grpc.lua", CHAT_BODY, tenant.api_key)
+        say("throughput, gateway over gRPC")
+        result, cpu = self.throughput("gateway_grpc", gateway.listen_port, script,
+                                      {**gateway.pids(), "upstream": [upstream.proc.pid]})
+        say(f"added latency over gRPC, open loop at {self.cfg.rate:g} req/s")
+        openloop = self.openloop("gateway_grpc", gateway.listen_port, tenant)
+        self.procs.stop(gateway.child)
+        return result, cpu, openloop
+
+    def _grpc_rows(
+        self, gw: wrk.WrkResult, cpu: dict[str, float], ceilings: dict[str, wrk.WrkResult], ol_bare: dict[str, Any],
+        ol: dict[str, Any],
+    ) -> list[Row]:
+        """Beside the HTTP gateway's rows, for context: the targets are the shipped transport's."""
+        ceiling = ceilings["grpc"].rps
+        return [
+            Row("gateway_grpc_rps", "gateway throughput, gRPC transport", gw.rps, "req/s"),
+            Row("gateway_grpc_non_2xx", "gateway gRPC non-2xx + socket errors", gw.non_2xx + gw.socket_errors, "",
+                "0", gw.non_2xx + gw.socket_errors == 0),
+            Row("gateway_grpc_p50_ms", "gateway gRPC latency p50", gw.p50_ms, "ms"),
+            Row("gateway_grpc_p99_ms", "gateway gRPC latency p99", gw.p99_ms, "ms"),
+            Row("grpc_ceiling_ratio", "throughput gateway gRPC / do-nothing gRPC ext_authz",
+                gw.rps / ceiling if ceiling else 0.0, ""),
+            Row("extauth_grpc_cpu_us", "ext_authz CPU per request, gRPC", cpu["extauth"], "us"),
+            Row("envoy_grpc_cpu_us", "gateway Envoy CPU per request, gRPC", cpu["envoy"], "us"),
+            Row("openloop_gateway_grpc_p50_ms", "open loop: gateway gRPC p50", ol["latency_p50_ms"], "ms"),
+            Row("openloop_gateway_grpc_p99_ms", "open loop: gateway gRPC p99", ol["latency_p99_ms"], "ms"),
+            Row("openloop_gateway_grpc_failures", "open loop: gateway gRPC non-2xx + errors",
+                ol["non_2xx"] + ol["errors"], "", "0", ol["non_2xx"] + ol["errors"] == 0),
+            Row("added_grpc_p50_ms", "added latency p50, gRPC", ol["latency_p50_ms"] - ol_bare["latency_p50_ms"], "ms"),
+            Row("added_grpc_p99_ms", "added latency p99, gRPC", ol["latency_p99_ms"] - ol_bare["latency_p99_ms"], "ms"),
+        ]
 
     def _meter_consistency(self, gateway: Gateway) -> dict[str, int]:
         import psycopg

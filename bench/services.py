@@ -34,7 +34,8 @@ STREAM_MODEL = "bench-stream"
 # environment (EXTAUTH_REPLICAS, EXTAUTH_CACHE_SIZE, GATEWAY_ENVOY_CONFIG, ...) is passed on, so a run
 # can measure a tuning.
 _OWN_SETTINGS = (
-    "GATEWAY_STATE_DIR", "GATEWAY_LISTEN", "GATEWAY_ADMIN", "GATEWAY_ACCESS_LOG", "GATEWAY_MASTER_KEY",
+    "GATEWAY_STATE_DIR", "GATEWAY_LISTEN", "GATEWAY_ADMIN", "GATEWAY_STATS_LISTEN", "GATEWAY_ACCESS_LOG",
+    "GATEWAY_MASTER_KEY", "GATEWAY_EXTAUTH_SECRET",
     "GATEWAY_MASTER_KEY_FILE", "EXTAUTH_LISTEN", "EXTAUTH_METRICS_LISTEN", "METER_METRICS_LISTEN",
     "DATABASE_URL", "REDIS_URL", "RUNPOD_API_URL", "RUNPOD_INFERENCE_URL",
 )
@@ -160,8 +161,10 @@ class Services:
             if reply.status != 200:
                 raise HarnessError(f"the simulator refused the stream delay: {reply.status}")
 
-    def start_gateway(self, database_url: str, inference_url: str) -> Gateway:
-        state_dir = self.tmp / "state"
+    def start_gateway(
+        self, database_url: str, inference_url: str, name: str = "state", extra_env: dict[str, str] | None = None
+    ) -> Gateway:
+        state_dir = self.tmp / name
         replicas = int(os.environ.get("EXTAUTH_REPLICAS", "1"))
         listen = free_port()
         env = {
@@ -170,6 +173,7 @@ class Services:
             "GATEWAY_STATE_DIR": str(state_dir),
             "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
             "GATEWAY_ADMIN": f"127.0.0.1:{free_port()}",
+            "GATEWAY_STATS_LISTEN": f"127.0.0.1:{free_port()}",
             "EXTAUTH_LISTEN": f"127.0.0.1:{free_ports(replicas)}",
             "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{free_ports(replicas)}",
             "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
@@ -177,8 +181,9 @@ class Services:
             "REDIS_URL": self.redis_url,
             "RUNPOD_API_URL": self.simulator_url,
             "RUNPOD_INFERENCE_URL": inference_url,
+            **(extra_env or {}),
         }
-        child = self.procs.spawn("gatewayctl-up", [sys.executable, "-m", "control.cli", "up"], env)
+        child = self.procs.spawn(f"gatewayctl-up-{name}", [sys.executable, "-m", "control.cli", "up"], env)
         from control.settings import read_runtime
 
         deadline = time.monotonic() + 90

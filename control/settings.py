@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control.env import HostPort, env_hostport, env_int, env_opt, env_str
+from control.env import HostPort, env_choice, env_hostport, env_int, env_opt, env_str
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_FILE = "runtime.json"
@@ -25,7 +25,9 @@ class ControlSettings:
     state_dir: Path
     listen: HostPort
     admin: HostPort
+    stats_listen: HostPort
     extauth_listen: HostPort
+    extauth_transport: str
     extauth_replicas: int
     envoy_concurrency: int
     extauth_metrics_listen: HostPort
@@ -56,7 +58,9 @@ class ControlSettings:
             state_dir=state_dir,
             listen=env_hostport("GATEWAY_LISTEN", "127.0.0.1:8080"),
             admin=env_hostport("GATEWAY_ADMIN", "127.0.0.1:9901"),
+            stats_listen=env_hostport("GATEWAY_STATS_LISTEN", "127.0.0.1:9902"),
             extauth_listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
+            extauth_transport=env_choice("EXTAUTH_TRANSPORT", "http", ("http", "grpc")),
             extauth_replicas=env_int("EXTAUTH_REPLICAS", 1, minimum=1),
             envoy_concurrency=env_int("GATEWAY_ENVOY_CONCURRENCY", default_envoy_concurrency(), minimum=1),
             extauth_metrics_listen=env_hostport("EXTAUTH_METRICS_LISTEN", "127.0.0.1:9464"),

@@ -4,10 +4,18 @@ Start order is dependency order (database, Redis, RunPod simulator for the demo,
 Envoy); stop order is the reverse, so Envoy stops taking traffic before anything behind it goes away.
 Every child runs in its own session (a terminal's Ctrl-C reaches only this launcher, which then stops
 them in order) and logs to `$GATEWAY_STATE_DIR/logs/<name>.log`.
+
+A stack decides only with its own ext_authz: it refuses to start while any address it needs is taken
+(naming the address and the setting that moves it), a replica that cannot listen stops the stack
+instead of being restarted, and Envoy talks to ext_authz with a secret made fresh at each start
+(extauth/custody.py), so another stack's replicas never turn healthy in this one's Envoy. Embedded
+Redis and PostgreSQL are restarted like the other children when they die; meanwhile ext_authz answers
+by its failure policy (RATELIMIT_FAILURE_MODE, 503 gateway_unavailable).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -23,16 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from control import envoy_config
 from control.crypto import load_keyring
-from control.embedded import start_postgres, start_redis
-from control.env import HostPort
+from control.embedded import postgres_alive, restart_postgres, start_postgres, start_redis
+from control.env import HostPort, SettingsError
 from control.errors import ControlError
 from control.migrate import apply_migrations
-from control.net import free_port, wait_for, wait_for_http, wait_for_port
+from control.net import EXIT_CANNOT_LISTEN, free_port, port_taken, wait_for, wait_for_http
 from control.settings import ControlSettings, read_runtime, write_runtime
 
 ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can lag behind
+# A restarted child that dies this soon, this many times in a row, is broken, not unlucky: the stack
+# stops rather than restart it forever.
+QUICK_EXIT_S = 2.0
+QUICK_EXITS_FATAL = 5
 
 
 @dataclass
@@ -46,6 +60,8 @@ class Child:
     restart: bool = False
     # An Envoy epoch replaced by a hot restart: its exit is expected.
     retiring: bool = False
+    started: float = 0.0
+    quick_exits: int = 0
 
 
 def extauth_addresses(first: HostPort, replicas: int) -> list[HostPort]:
@@ -99,14 +115,35 @@ class Stack:
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=cwd,
             )
-        child = Child(name, proc, argv, env, cwd, restart)
+        child = Child(name, proc, argv, env, cwd, restart, started=time.monotonic())
         self.children.append(child)
         return child
+
+    def _addresses(self) -> list[tuple[HostPort, str]]:
+        """Every address this stack listens on, with the setting that moves it."""
+        s = self.settings
+        return [
+            (s.listen, "GATEWAY_LISTEN"), (s.admin, "GATEWAY_ADMIN"), (s.stats_listen, "GATEWAY_STATS_LISTEN"),
+            *((a, "EXTAUTH_LISTEN") for a in extauth_addresses(s.extauth_listen, s.extauth_replicas)),
+            *((a, "EXTAUTH_METRICS_LISTEN") for a in extauth_addresses(s.extauth_metrics_listen, s.extauth_replicas)),
+            (s.meter_metrics_listen, "METER_METRICS_LISTEN"),
+        ]
+
+    def _preflight(self) -> None:
+        """Refuse to start while an address is taken: ext_authz replicas that cannot bind would leave
+        Envoy talking to whatever holds their ports (another stack's ext_authz, with its keys)."""
+        taken = [f"{address} ({setting})" for address, setting in self._addresses()
+                 if port_taken(address.host, address.port)]
+        if taken:
+            raise ControlError("address_in_use", f"address in use: {', '.join(taken)}; another gateway stack may "
+                               "be running with the same settings: stop it, or set the named settings to free "
+                               "addresses (EXTAUTH_* replicas take consecutive ports)")
 
     def _render_envoy(self) -> Path:
         s = self.settings
         config = envoy_config.render(
-            s.envoy_config, listen=s.listen, admin=s.admin, extauth=self._replicas, extauth_admin=self._metrics,
+            s.envoy_config, listen=s.listen, admin=s.admin, stats=s.stats_listen, extauth=self._replicas,
+            extauth_admin=self._metrics, transport=s.extauth_transport,
             runpod_inference_url=self._urls[0], managed_url=self._urls[1], access_log=s.access_log,
         )
         return envoy_config.write(config, s.state_dir / f"envoy.effective.{self._epoch}.yaml")
@@ -131,14 +168,20 @@ class Stack:
         """Apply an edited envoy.yaml without dropping traffic: validate it, then hot-restart Envoy; the
         old epoch drains its connections and exits. An invalid file leaves the running Envoy alone."""
         self._epoch += 1
-        config = self._render_envoy()
-        check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                               cwd=self.settings.envoy_config.parent.parent, capture_output=True, text=True)
-        if check.returncode != 0:
+        error: str | None = None
+        try:
+            config = self._render_envoy()
+        except (SettingsError, OSError, yaml.YAMLError) as err:  # e.g. a block the launcher finds by name
+            error = str(err)
+        else:
+            check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                                   cwd=self.settings.envoy_config.parent.parent, capture_output=True, text=True)
+            if check.returncode != 0:
+                error = ((check.stdout + check.stderr).strip().splitlines()[-1:] or ["invalid"])[0]
+        if error is not None:
             self._epoch -= 1
-            error = (check.stdout + check.stderr).strip().splitlines()[-1:] or ["invalid"]
-            self.runtime["last_reload"] = {"ok": False, "error": error[0]}
-            self.say(f"reload refused: {error[0]}")
+            self.runtime["last_reload"] = {"ok": False, "error": error}
+            self.say(f"reload refused: {error}")
         else:
             for child in self.children:
                 if child.name == "envoy":
@@ -156,6 +199,7 @@ class Stack:
 
     def start(self) -> dict[str, Any]:
         s = self.settings
+        self._preflight()
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         load_keyring(s.master_key, s.master_key_file, create=True)
@@ -166,8 +210,9 @@ class Stack:
             self.say(f"postgres   embedded, {s.state_dir / 'postgres'}")
         redis_url = s.redis_url
         if not redis_url:
-            redis_proc, redis_url = start_redis(s.state_dir, self.logs / "redis.log")
-            self.children.append(Child("redis", redis_proc))
+            redis_proc, redis_argv, redis_url = start_redis(s.state_dir, self.logs / "redis.log")
+            self.children.append(Child("redis", redis_proc, redis_argv, dict(os.environ), restart=True,
+                                       started=time.monotonic()))
             self.say(f"redis      embedded, {redis_url}")
         apply_migrations(database_url)
 
@@ -187,17 +232,29 @@ class Stack:
             "EXTAUTH_LISTEN": str(s.extauth_listen),
             "GATEWAY_ACCESS_LOG": str(s.access_log),
         }
-        self._env = env
+        # Only Envoy and ext_authz know this start's secret (never the meter, the logs or runtime.json).
+        env.pop("GATEWAY_EXTAUTH_SECRET", None)
+        private = {**env, "GATEWAY_EXTAUTH_SECRET": secrets.token_urlsafe(32), "EXTAUTH_TRANSPORT": s.extauth_transport}
+        self._env = private
         self._urls = (inference_url, managed_url)
         replicas = self._replicas = extauth_addresses(s.extauth_listen, s.extauth_replicas)
         metrics = self._metrics = extauth_addresses(s.extauth_metrics_listen, s.extauth_replicas)
-        for i, address in enumerate(replicas):
+        spawned = [
             self._spawn(f"extauth-{i}", [sys.executable, "-m", "extauth.server"],
-                        {**env, "EXTAUTH_LISTEN": str(address), "EXTAUTH_METRICS_LISTEN": str(metrics[i])},
+                        {**private, "EXTAUTH_LISTEN": str(address), "EXTAUTH_METRICS_LISTEN": str(metrics[i])},
                         restart=True)
-        for i, address in enumerate(replicas):
-            if not wait_for_port(address.host, address.port, 20):
-                raise self._fail("ext_authz", f"extauth-{i}")
+            for i, address in enumerate(replicas)
+        ]
+        def exited_or_listening(child: Child, address: HostPort) -> bool:
+            return child.proc.poll() is not None or port_taken(address.host, address.port)
+
+        for child, address in zip(spawned, replicas, strict=True):
+            # A replica that exited (its port taken since the preflight) is a start failure, however
+            # many processes answer on that port.
+            if not wait_for(functools.partial(exited_or_listening, child, address), 20):
+                raise self._fail("ext_authz", child.name)
+            if child.proc.poll() is not None:
+                raise self._exited(child)
         # The meter resumes from its committed position, so restarting it after a crash loses nothing.
         self._spawn("meter", [sys.executable, "-m", "meter"],
                     {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)}, restart=True)
@@ -205,11 +262,18 @@ class Stack:
         s.access_log.parent.mkdir(parents=True, exist_ok=True)
         s.access_log.touch()
         effective = self._render_envoy()
-        self._envoy(env, effective)
+        self._envoy(private, effective)
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
-        if not wait_for(lambda: extauth_hosts_healthy(f"http://{s.admin}", len(replicas)), 30):
+        # Ready means Envoy sees every replica healthy, and only this start's replicas can be (their
+        # /health answers only this start's secret).
+        def settled() -> bool:
+            return self._any_exited() is not None or extauth_hosts_healthy(f"http://{s.admin}", len(replicas))
+
+        if not wait_for(settled, 30):
             raise self._fail("ext_authz health checking", "envoy")
+        if (exited := self._any_exited()) is not None:
+            raise self._exited(exited)
 
         self.runtime = {
             "pid": os.getpid(),
@@ -220,6 +284,8 @@ class Stack:
             "managed_url": managed_url,
             "gateway_url": f"http://{s.listen}",
             "admin_url": f"http://{s.admin}",
+            "stats_url": f"http://{s.stats_listen}/stats/prometheus",
+            "extauth_transport": s.extauth_transport,
             "access_log": str(s.access_log),
             "extauth_metrics_urls": [f"http://{m}/metrics" for m in metrics],
             "envoy_epoch": 0,
@@ -234,7 +300,7 @@ class Stack:
             self.runtime["demo_env"] = str(demo.seed(ControlSettings.from_env(), demo_key, self.say))
         self.runtime["ready"] = True
         write_runtime(s.state_dir, self.runtime)
-        self.say(f"gateway    http://{s.listen}/v1  (admin http://{s.admin})")
+        self.say(f"gateway    http://{s.listen}/v1  (admin http://{s.admin}, stats http://{s.stats_listen})")
         return self.runtime
 
     def _start_simulator(self) -> tuple[str, str]:
@@ -254,6 +320,27 @@ class Stack:
         self.say(f"runpod     simulator, {url}")
         return url, key
 
+    def _any_exited(self) -> Child | None:
+        return next((c for c in self.children if not c.retiring and c.proc.poll() is not None), None)
+
+    def _exited(self, child: Child) -> ControlError:
+        code = child.proc.returncode
+        if code == EXIT_CANNOT_LISTEN:
+            return ControlError("address_in_use", f"{child.name} cannot listen on its address (taken since the "
+                                f"start?); see {self.logs / (child.name + '.log')}")
+        return ControlError("start_failed", f"{child.name} exited with {code}; see {self.logs / (child.name + '.log')}")
+
+    def _watch_postgres(self) -> None:
+        """The embedded PostgreSQL is pg_ctl's child, not ours: checked by its pid, restarted in place."""
+        if self.postgres is None or postgres_alive(self.postgres):
+            return
+        self.say("postgres exited; restarting it")
+        try:
+            restart_postgres(self.postgres)
+        except Exception as exc:  # retried on the next turn; the failure policy answers meanwhile
+            self.say(f"postgres did not restart yet ({type(exc).__name__}); retrying")
+            time.sleep(1)
+
     def wait(self) -> int:
         """Block until a signal asks to stop (0) or a child that is not restartable exits (1). SIGHUP
         reloads Envoy's config (`gatewayctl reload`)."""
@@ -264,15 +351,26 @@ class Stack:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload_envoy()
+            self._watch_postgres()
             for child in list(self.children):
                 if child.proc.poll() is None:
                     continue
                 if child.retiring:
                     self.children.remove(child)
+                elif child.proc.returncode == EXIT_CANNOT_LISTEN:
+                    self.say(f"{self._exited(child).message}; stopping the stack")
+                    return 1
                 elif child.restart and child.argv is not None and child.env is not None:
+                    quick = time.monotonic() - child.started < QUICK_EXIT_S
+                    quick_exits = child.quick_exits + 1 if quick else 0
+                    if quick_exits >= QUICK_EXITS_FATAL:
+                        self.say(f"{child.name} keeps exiting right after its start; stopping the stack")
+                        return 1
                     self.children.remove(child)
                     self.say(f"{child.name} exited with {child.proc.returncode}; restarting it")
-                    self._spawn(child.name, child.argv, child.env, child.cwd, restart=True)
+                    if quick:
+                        time.sleep(0.2 * quick_exits)
+                    self._spawn(child.name, child.argv, child.env, child.cwd, restart=True).quick_exits = quick_exits
                     self._publish_pids()
                 else:
                     self.say(f"{child.name} exited with {child.proc.returncode}; stopping the stack")

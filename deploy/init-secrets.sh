@@ -7,6 +7,8 @@
 #   postgres_password       the password of PostgreSQL's `gateway` role
 #   managed_api_key         the platform's own RunPod key for the managed destination (empty: unused)
 #   grafana_admin_password  Grafana's `admin` password
+#   extauth_secret          what Envoy proves itself to ext_authz with (README, "Key custody"); replace
+#                           it (and restart envoy and extauth) if it may have leaked
 #
 # Run it as root (sudo sh deploy/init-secrets.sh) so each file can be given to the uid that reads it:
 # 10001 (the gateway image), 472 (Grafana); PostgreSQL reads its file as root. Otherwise the files are
@@ -36,17 +38,19 @@ create "$dir/keyring/master.key" "1:$(b64url 32)"
 create "$dir/postgres_password" "$(password 24)"
 [ -e "$dir/managed_api_key" ] || { : > "$dir/managed_api_key"; echo "created  $dir/managed_api_key (empty)"; }
 create "$dir/grafana_admin_password" "$(password 18)"
+create "$dir/extauth_secret" "$(password 32)"
 
 if [ "$(id -u)" = 0 ]; then
-    chown -R 10001:10001 "$dir/keyring" "$dir/postgres_password" "$dir/managed_api_key"
+    # extauth_secret: ext_authz reads it as 10001, Envoy's entrypoint as root.
+    chown -R 10001:10001 "$dir/keyring" "$dir/postgres_password" "$dir/managed_api_key" "$dir/extauth_secret"
     chown 472:0 "$dir/grafana_admin_password"
     chmod 700 "$dir/keyring"
-    chmod 400 "$dir/postgres_password" "$dir/managed_api_key" "$dir/grafana_admin_password"
+    chmod 400 "$dir/postgres_password" "$dir/managed_api_key" "$dir/grafana_admin_password" "$dir/extauth_secret"
     chmod 600 "$dir/keyring/master.key"
 else
     chmod 755 "$dir/keyring"
     chmod 644 "$dir/keyring/master.key" "$dir/postgres_password" "$dir/managed_api_key" \
-        "$dir/grafana_admin_password"
+        "$dir/grafana_admin_password" "$dir/extauth_secret"
     echo "not root: files made readable inside $dir (mode 700); for key rotation run"
     echo "  sudo chown -R 10001:10001 $dir/keyring"
 fi

@@ -1,7 +1,8 @@
 """Each ext_authz replica's admin HTTP port (EXTAUTH_METRICS_LISTEN): `/metrics` for Prometheus,
 `/ready` for orchestration, and `POST /internal/credential-rejected`, which envoy/gateway.lua calls when
 RunPod refuses a workspace's key (the key is marked only once RunPod's account API confirms it is dead).
-The port is for the internal network only; Envoy never routes client traffic to it."""
+The port is for the internal network only; Envoy never routes client traffic to it. The internal route
+answers only Envoy (extauth/custody.py); /metrics and /ready carry nothing secret and stay open."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control import credentials
 from control.context import open_context
 from control.settings import ControlSettings
+from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
 
 log = logging.getLogger("extauth")
 _WORKSPACE_RE = re.compile(r"ws_[a-z0-9]{1,64}")
@@ -27,7 +29,7 @@ def _confirm_rejected(workspace_id: str) -> bool:
         return credentials.confirm_rejected(ctx, workspace_id)
 
 
-def build_app(is_ready: Callable[[], bool]) -> web.Application:
+def build_app(is_ready: Callable[[], bool], secret: EnvoySecret) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -35,6 +37,8 @@ def build_app(is_ready: Callable[[], bool]) -> web.Application:
         return web.Response(text="ready" if is_ready() else "draining", status=200 if is_ready() else 503)
 
     async def credential_rejected(request: web.Request) -> web.Response:
+        if not secret.admits(request.headers.get(SECRET_HEADER)):
+            return web.Response(status=REFUSED.status, text=REFUSED.body(), content_type="application/json")
         workspace_id = (await request.text()).strip()
         if _WORKSPACE_RE.fullmatch(workspace_id) is None:
             return web.Response(status=400, text="workspace id expected")
@@ -52,8 +56,8 @@ def build_app(is_ready: Callable[[], bool]) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, is_ready: Callable[[], bool]) -> web.AppRunner:
-    runner = web.AppRunner(build_app(is_ready), access_log=None)
+async def serve(host: str, port: int, is_ready: Callable[[], bool], secret: EnvoySecret) -> web.AppRunner:
+    runner = web.AppRunner(build_app(is_ready, secret), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("admin on %s:%s (pid %s)", host, port, os.getpid())

@@ -1,11 +1,14 @@
 """The ext_authz gRPC transport (`envoy.service.auth.v3.Authorization/Check` and gRPC health), for
-operators who run Envoy's ext_authz filter with `grpc_service` (README, "The gRPC transport"). Served on
-EXTAUTH_LISTEN with EXTAUTH_TRANSPORT=grpc; it renders the same Decision as the HTTP transport. Envoy
+operators who set EXTAUTH_TRANSPORT=grpc (README, "The gRPC transport": Envoy then runs the gRPC blocks
+of envoy/envoy.yaml). Served on EXTAUTH_LISTEN; it renders the same Decision as the HTTP transport, and
+both services answer only calls carrying Envoy's secret as gRPC metadata (extauth/custody.py). Envoy
 and Python together spend several times the CPU per check that the HTTP transport costs, hence not the
 default. `/v1/models` is answered inside the CheckResponse (a 200 "denied" response never forwarded).
 """
 
 from __future__ import annotations
+
+import errno
 
 import grpc
 from envoy.config.core.v3 import base_pb2 as core
@@ -17,6 +20,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauth.checker import Checker
+from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
 from extauth.decision import ALLOW, META_KEY, Decision
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -53,23 +57,54 @@ def render(decision: Decision) -> authz.CheckResponse:
     )
 
 
+def _presented(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SECRET_HEADER:
+            return str(value)
+    return None
+
+
 class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, checker: Checker) -> None:
+    def __init__(self, checker: Checker, secret: EnvoySecret) -> None:
         self._checker = checker
+        self._secret = secret
 
     async def Check(self, request: authz.CheckRequest, context: grpc.aio.ServicerContext) -> authz.CheckResponse:
+        # Envoy sends the secret as gRPC metadata (grpc_service.initial_metadata), never in the
+        # CheckRequest's headers, so a client cannot supply it.
+        if not self._secret.admits(_presented(context)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED.message)
         http = request.attributes.request.http
         return render(await self._checker.check(http.method, http.path, http.headers))
 
 
+class GuardedHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """gRPC health that answers only Envoy's health checks (grpc_health_check.initial_metadata), as
+    the HTTP transport's /health does."""
+
+    def __init__(self, secret: EnvoySecret) -> None:
+        super().__init__()
+        self._secret = secret
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if not self._secret.admits(_presented(context)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED.message)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED.message)
+
+
 class GrpcTransport:
-    def __init__(self, checker: Checker, address: str) -> None:
+    def __init__(self, checker: Checker, address: str, secret: EnvoySecret) -> None:
         # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(checker), self.server)
-        self._health = health.aio.HealthServicer()
+        authz_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(checker, secret), self.server)
+        self._health = GuardedHealth(secret)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        self.server.add_insecure_port(address)
+        if self.server.add_insecure_port(address) == 0:
+            raise OSError(errno.EADDRINUSE, f"gRPC could not bind {address}")
 
     async def start(self) -> None:
         await self.server.start()

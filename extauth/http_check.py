@@ -2,14 +2,16 @@
 EXTAUTH_LISTEN, written on asyncio's protocol layer because per-request overhead is the whole budget
 (a check costs a few tens of microseconds here; a web framework's request object alone costs more).
 
-It serves exactly three things, to Envoy only:
+It serves exactly three things, to Envoy only (extauth/custody.py: every request must carry the secret
+Envoy adds; anything else gets 403 and nothing more):
 - `<method> /check/<client path>`: the check. Envoy sends the client's headers (values of
   `authorization` and `x-gateway-model` are read; the other names become the removal list) and no body.
   Status 200 allows, any other status is the client's answer with this body (Envoy's HTTP ext_authz
   contract); headers map as extauth/decision.py describes.
 - `GET /_gateway/models/<workspace>[/<model>]`: the `/v1/models` answers, reached only through the
   route ext_authz itself picked for an allowed models request (destination `local`).
-- `GET /health`: 200 while serving, 503 once draining (Envoy's active health check).
+- `GET /health`: 200 while serving, 503 once draining (Envoy's active health check). Refused without
+  the secret too, so a process that is not one of this gateway's replicas never looks healthy to it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from urllib.parse import unquote
 
 from extauth import errors
 from extauth.checker import Checker, models_body
+from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
 from extauth.decision import DENY, LOCAL_MODELS_PATH, META_KEY, Decision
 from extauth.state import StateStore
 
@@ -60,12 +63,17 @@ def _plain(status: int, text: str, content_type: str = "text/plain") -> bytes:
     return head.encode() + body
 
 
+def _refused() -> bytes:
+    return _plain(REFUSED.status, REFUSED.body(), "application/json")
+
+
 class CheckService:
     """What the connections share: the checker, the state for model listings, and the draining flag."""
 
-    def __init__(self, checker: Checker, store: StateStore) -> None:
+    def __init__(self, checker: Checker, store: StateStore, secret: EnvoySecret) -> None:
         self.checker = checker
         self.store = store
+        self.secret = secret
         self.serving = True
         self.connections: set[CheckConnection] = set()
 
@@ -151,7 +159,10 @@ class CheckConnection(asyncio.Protocol):
             return
         method, target, _version = parts
         self._close_after = headers.get("connection", "").lower() == "close"
-        if target.startswith(CHECK_PREFIX + "/"):
+        # Popped, so it never reaches the checker (whose removal list names the headers it saw).
+        if not self._service.secret.admits(headers.pop(SECRET_HEADER, None)):
+            self._finish(_refused())
+        elif target.startswith(CHECK_PREFIX + "/"):
             self._run(self._service.check(method, target[len(CHECK_PREFIX) :], headers))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":
             self._run(self._service.models(target))

@@ -1,22 +1,26 @@
 """Entry point: `python -m extauth.server` serves Envoy's ext_authz on EXTAUTH_LISTEN, over HTTP (the
-shipped envoy/envoy.yaml) or over gRPC (EXTAUTH_TRANSPORT=grpc, for an envoy.yaml edited to use
-`grpc_service`), and metrics, readiness and the internal credential route on EXTAUTH_METRICS_LISTEN."""
+shipped envoy/envoy.yaml) or over gRPC (EXTAUTH_TRANSPORT=grpc, with the gRPC blocks of envoy.yaml
+selected), and metrics, readiness and the internal credential route on EXTAUTH_METRICS_LISTEN."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import sys
 
 import uvloop
 from opentelemetry.metrics import Meter, NoOpMeterProvider
 from psycopg_pool import AsyncConnectionPool
 
 from control.crypto import Keyring, load_keyring
+from control.net import EXIT_CANNOT_LISTEN
 from control.telemetry import prometheus_provider
 from extauth import admin, hotstate, http_check
 from extauth.checker import Checker
+from extauth.custody import EnvoySecret
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import ScriptClient
 from extauth.settings import ExtauthSettings
@@ -41,12 +45,13 @@ async def serve(settings: ExtauthSettings) -> None:
     store = StateStore(pool, keyring(), settings.cache_size, keyring)
     metrics = ExtauthMetrics(_meter(settings.metrics_listen is not None), store)
     checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key)
-    service = http_check.CheckService(checker, store)
+    secret = EnvoySecret(settings.envoy_secret)
+    service = http_check.CheckService(checker, store, secret)
     server = grpc_transport = None
     if settings.transport == "grpc":
         from extauth.grpc_check import GrpcTransport  # grpcio loads only for operators who use it
 
-        grpc_transport = GrpcTransport(checker, str(settings.listen))
+        grpc_transport = GrpcTransport(checker, str(settings.listen), secret)
         await grpc_transport.start()
     else:
         # No SO_REUSEPORT: a stale process on the same port must make start-up fail, not share traffic.
@@ -54,7 +59,7 @@ async def serve(settings: ExtauthSettings) -> None:
     admin_runner = None
     if settings.metrics_listen is not None:
         admin_runner = await admin.serve(
-            settings.metrics_listen.host, settings.metrics_listen.port, lambda: service.serving
+            settings.metrics_listen.host, settings.metrics_listen.port, lambda: service.serving, secret
         )
     # Everything allocated so far (modules, the SDKs, pools: ~72k objects) lives as long as the process.
     # Frozen, the cyclic collector stops re-scanning it: a full collection over it takes ~30 ms on the
@@ -87,7 +92,17 @@ async def serve(settings: ExtauthSettings) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s extauth %(levelname)s %(message)s")
-    uvloop.run(serve(ExtauthSettings.from_env()))
+    settings = ExtauthSettings.from_env()
+    try:
+        uvloop.run(serve(settings))
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise
+        # Fatal, not retried: restarting cannot free the port, and a replica on another process's port
+        # must never look like this gateway's (control/stack.py stops the stack on this status).
+        print(f"extauth: cannot listen on {settings.listen} or {settings.metrics_listen}: {err.strerror or err}",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_CANNOT_LISTEN)
 
 
 if __name__ == "__main__":

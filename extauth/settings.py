@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control.env import HostPort, SettingsError, env_choice, env_hostport, env_int, env_opt, env_str
+from extauth.custody import MIN_SECRET_CHARS
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ExtauthSettings:
     metrics_listen: HostPort | None
     managed_api_key: str | None
     drain_s: float
+    envoy_secret: str
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -32,6 +34,11 @@ class ExtauthSettings:
             raise SettingsError("ext_authz needs DATABASE_URL and REDIS_URL")
         state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
         metrics = env_opt("EXTAUTH_METRICS_LISTEN")
+        secret = env_opt("GATEWAY_EXTAUTH_SECRET")
+        # Never echoed: the error names the setting only.
+        if secret is None or len(secret) < MIN_SECRET_CHARS:
+            raise SettingsError(f"ext_authz needs GATEWAY_EXTAUTH_SECRET, at least {MIN_SECRET_CHARS} characters, "
+                                "the same value Envoy has in its environment (README, \"Key custody\")")
         return cls(
             listen=env_hostport("EXTAUTH_LISTEN", "127.0.0.1:9001"),
             transport=env_choice("EXTAUTH_TRANSPORT", "http", ("http", "grpc")),
@@ -46,4 +53,5 @@ class ExtauthSettings:
             metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
             drain_s=env_int("EXTAUTH_DRAIN_MS", 2000) / 1000,
+            envoy_secret=secret,
         )

@@ -12,6 +12,7 @@ import threading
 from opentelemetry.metrics import NoOpMeterProvider
 
 from control.env import SettingsError
+from control.net import EXIT_CANNOT_LISTEN
 from control.telemetry import serve_prometheus
 from meter.consumer import follow
 from meter.metrics import MeterMetrics
@@ -30,7 +31,11 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         # Only sets a flag: the batch being written is finished and committed before the loop ends.
         signal.signal(signum, lambda *_: stop.set())
-    provider = serve_prometheus(settings.metrics_listen, "gateway-meter") if settings.metrics_listen else None
+    try:
+        provider = serve_prometheus(settings.metrics_listen, "gateway-meter") if settings.metrics_listen else None
+    except OSError as err:
+        print(f"meter: cannot listen on {settings.metrics_listen}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
     print(f"meter following {settings.access_log}", flush=True)
     try:
         follow(settings, stop, MeterMetrics(provider or NoOpMeterProvider()))

@@ -110,6 +110,11 @@ class Gateway:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def stats_url(self) -> str:
+        """The stats listener Prometheus scrapes (GATEWAY_STATS_LISTEN)."""
+        return f"http://{self.env['GATEWAY_STATS_LISTEN']}"
+
     def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "control.cli", *args], env=self.env, cwd=ROOT, input=stdin,
@@ -151,39 +156,46 @@ def start_gateway(
     os.chmod(tmp, 0o755)
     state_dir = tmp / "state"
     replicas = int((extra_env or {}).get("EXTAUTH_REPLICAS", "1"))
-    listen, admin = free_port(), free_port()
-    extauth, extauth_metrics = free_ports(replicas), free_ports(replicas)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "GATEWAY_STATE_DIR": str(state_dir),
-        "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
-        "GATEWAY_ADMIN": f"127.0.0.1:{admin}",
-        "EXTAUTH_LISTEN": f"127.0.0.1:{extauth}",
-        "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{extauth_metrics}",
-        "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "RUNPOD_API_URL": simulator_url,
-        "RUNPOD_INFERENCE_URL": simulator_url,
-        **(extra_env or {}),
-    }
-    for inherited in ("GATEWAY_MANAGED_URL", "GATEWAY_MANAGED_API_KEY"):
-        if inherited not in (extra_env or {}):
-            env.pop(inherited, None)
     # The platform's own account on the simulator, for the managed destination.
     managed_key = "rpa_platform_" + secrets.token_hex(8)
     call("POST", f"{simulator_url}/_sim/accounts", {"id": "user_platform_" + secrets.token_hex(4),
                                                     "email": "platform@example.com", "keys": [managed_key]})
-    env.setdefault("GATEWAY_MANAGED_URL", simulator_url)
-    env.setdefault("GATEWAY_MANAGED_API_KEY", managed_key)
     console = tmp / "gatewayctl-up.out"
-    with running([sys.executable, "-m", "control.cli", "up"], env, console) as proc:
-        from control.settings import read_runtime
+    # Ports free a moment ago may be taken by now (other tests pick from the same range): `up` then
+    # refuses to start, naming the address, and the stack is started again on other ports.
+    for attempt in range(3):
+        listen, admin = free_port(), free_port()
+        extauth, extauth_metrics = free_ports(replicas), free_ports(replicas)
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "GATEWAY_STATE_DIR": str(state_dir),
+            "GATEWAY_LISTEN": f"127.0.0.1:{listen}",
+            "GATEWAY_ADMIN": f"127.0.0.1:{admin}",
+            "GATEWAY_STATS_LISTEN": f"127.0.0.1:{free_port()}",
+            "EXTAUTH_LISTEN": f"127.0.0.1:{extauth}",
+            "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{extauth_metrics}",
+            "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RUNPOD_API_URL": simulator_url,
+            "RUNPOD_INFERENCE_URL": simulator_url,
+            **(extra_env or {}),
+        }
+        for inherited in ("GATEWAY_MANAGED_URL", "GATEWAY_MANAGED_API_KEY"):
+            if inherited not in (extra_env or {}):
+                env.pop(inherited, None)
+        env.setdefault("GATEWAY_MANAGED_URL", simulator_url)
+        env.setdefault("GATEWAY_MANAGED_API_KEY", managed_key)
+        with running([sys.executable, "-m", "control.cli", "up"], env, console) as proc:
+            from control.settings import read_runtime
 
-        wait_until(lambda: read_runtime(state_dir).get("ready") or proc.poll() is not None, 60, "gateway ready")
-        assert proc.poll() is None, console.read_text()
-        yield Gateway(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", env, state_dir, proc, [console])
+            wait_until(lambda: read_runtime(state_dir).get("ready") or proc.poll() is not None, 60, "gateway ready")
+            if proc.poll() is not None and "address_in_use" in console.read_text() and attempt < 2:
+                continue
+            assert proc.poll() is None, console.read_text()
+            yield Gateway(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", env, state_dir, proc, [console])
+            return
 
 
 @pytest.fixture(scope="module")

@@ -253,9 +253,10 @@ def test_a_refusal_is_confirmed_before_a_working_key_is_taken_out(gateway: Gatew
     assert info.value.code == "byoc_runpod_key_rejected"
     call("PATCH", f"{simulator.url}/_sim/endpoints/{endpoint}", {"fail": "none"})
     assert chat(gateway, t.api_key, t.chat_model).choices, "the key was not marked"
-    # Nor can anyone on the internal network take it out by calling the route directly.
+    # Nor can anyone on the internal network take it out by calling the route directly: only Envoy
+    # (with the secret it adds) is answered at all.
     from control.settings import read_runtime
 
     admin = read_runtime(gateway.state_dir)["extauth_metrics_urls"][0].removesuffix("/metrics")
-    assert call("POST", f"{admin}/internal/credential-rejected", raw=t.workspace_id.encode()).status == 204
+    assert call("POST", f"{admin}/internal/credential-rejected", raw=t.workspace_id.encode()).status == 403
     assert chat(gateway, t.api_key, t.chat_model).choices

@@ -205,6 +205,12 @@ def gateway_listener() -> dict[str, Any]:
     return dict(found[0])
 
 
+def stats_listener() -> dict[str, Any]:
+    found = [lst for lst in envoy_config()["static_resources"]["listeners"] if lst["name"] == "stats"]
+    assert found, "envoy.yaml has no listener named stats"
+    return dict(found[0])
+
+
 def access_log_path() -> str:
     for chain in gateway_listener()["filter_chains"]:
         for network_filter in chain["filters"]:
@@ -446,10 +452,17 @@ def test_compose_and_envoy_config_agree_on_ports_and_paths() -> None:
     listener = gateway_listener()["address"]["socket_address"]
     assert listener["address"] == "0.0.0.0"
     assert listener["port_value"] in published_targets(envoy), "the gateway listener's port is not published"
+    # The admin (which can stop Envoy and make it log secrets) stays on the container's loopback;
+    # Prometheus scrapes the stats listener, which forwards /stats/prometheus to it and nothing else.
     admin = effective_admin()
-    assert admin["address"] == "0.0.0.0", "Prometheus cannot reach an admin bound to loopback in the container"
+    assert admin["address"] == "127.0.0.1", "Envoy's admin must not be reachable from the compose network"
     assert admin["port_value"] not in published_targets(envoy), "Envoy's admin must stay off the host"
     assert f"/dev/tcp/127.0.0.1/{admin['port_value']}" in " ".join(envoy["healthcheck"]["test"])
+    stats = stats_listener()["address"]["socket_address"]
+    assert stats["address"] == "0.0.0.0" and stats["port_value"] not in published_targets(envoy)
+    admin_cluster = envoy_cluster("envoy_admin")
+    assert admin_cluster is not None
+    assert cluster_endpoints(admin_cluster) == [(admin["address"], admin["port_value"])]
     assert any(not compose()["networks"][n].get("internal") for n in networks_of("envoy")), \
         "Envoy needs a network with a route out (RunPod)"
     # The access log: Envoy writes it on a named volume that the meter reads at the same path.
@@ -502,7 +515,7 @@ def test_prometheus_scrapes_every_metrics_port() -> None:
     assert host_path(prometheus, "/etc/prometheus/prometheus.yml") == (DEPLOY / "prometheus.yml").resolve()
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     targets = scrape_targets()
-    expected = {("envoy", effective_admin()["port_value"]): "/stats/prometheus"}
+    expected = {("envoy", stats_listener()["address"]["socket_address"]["port_value"]): "/stats/prometheus"}
     for name in compose()["services"]:
         for key, value in environment(service(name)).items():
             if key.endswith("_METRICS_LISTEN"):
@@ -744,3 +757,92 @@ def test_grafana_provisions_the_dashboard_from_prometheus() -> None:
     for key, value in walk(dashboard["panels"]):
         if key == "datasource":
             assert value == {"type": "prometheus", "uid": "${datasource}"}
+
+
+# ---- key custody ----
+
+def test_envoy_and_extauth_read_the_same_custody_secret_file() -> None:
+    """ext_authz answers only a request with GATEWAY_EXTAUTH_SECRET (extauth/custody.py): Envoy's
+    entrypoint exports it from the secret file, the image's entrypoint reads it for ext_authz."""
+    envoy, extauth = service("envoy"), service("extauth")
+    target = "/run/secrets/extauth_secret"
+    assert target in secret_file_targets(envoy) and target in secret_file_targets(extauth)
+    assert environment(extauth)["GATEWAY_EXTAUTH_SECRET_FILE"] == target
+    assert f'GATEWAY_EXTAUTH_SECRET="$(cat {target})"' in _interpolate(envoy["entrypoint"][2], {})
+    assert "export GATEWAY_EXTAUTH_SECRET" in envoy["entrypoint"][2]
+    uses = [v for _, v in walk(envoy_config()) if isinstance(v, str) and "GATEWAY_EXTAUTH_SECRET" in v]
+    assert uses and set(uses) == {"%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%"}
+    for name in compose()["services"]:
+        if name not in ("envoy", "extauth"):
+            assert target not in secret_file_targets(service(name)), f"{name} has no use for the secret"
+
+
+def test_init_secrets_makes_a_custody_secret_long_enough(deployment: Path) -> None:
+    from extauth.custody import MIN_SECRET_CHARS
+
+    made = (deployment / "deploy" / "secrets" / "extauth_secret").read_text(encoding="utf-8")
+    assert len(made) >= MIN_SECRET_CHARS and made.strip() == made
+
+
+# ---- the gRPC override (docker-compose.grpc.yml) ----
+
+GRPC_OVERRIDE = ROOT / "docker-compose.grpc.yml"
+
+
+@functools.cache
+def grpc_override() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(GRPC_OVERRIDE.read_text(encoding="utf-8"))
+    return {k: _interpolate(v, {}) for k, v in data.items() if not k.startswith("x-")}
+
+
+def test_grpc_override_passes_the_real_parser(deployment: Path, tmp_path: Path) -> None:
+    shutil.copy2(GRPC_OVERRIDE, deployment / GRPC_OVERRIDE.name)
+    parsers = compose_parsers(tmp_path)
+    assert parsers, f"no Docker Compose parser here: {COMPOSE_INSTALL_HINT}"
+    for argv, version in parsers:
+        args = [*argv, "-f", str(deployment / "docker-compose.yml"), "-f", str(deployment / GRPC_OVERRIDE.name),
+                "--project-directory", str(deployment), "config"]
+        if version.startswith("Docker Compose"):
+            args += ["--format", "json"]
+        done = subprocess.run(args, capture_output=True, text=True, env=parser_env(tmp_path), timeout=60)
+        assert done.returncode == 0, f"{version}:\n{done.stderr}"
+        model = yaml.safe_load(done.stdout)["services"]
+        assert model["extauth"]["environment"]["EXTAUTH_TRANSPORT"] == "grpc"
+        # Everything else of ext_authz is the main file's.
+        assert model["extauth"]["environment"]["GATEWAY_EXTAUTH_SECRET_FILE"] == "/run/secrets/extauth_secret"
+        envoy = model["envoy"]
+        rendered = PurePosixPath(envoy["command"][envoy["command"].index("-c") + 1])
+        assert envoy["depends_on"]["envoy-config"]["condition"] == "service_completed_successfully"
+        assert envoy["depends_on"]["extauth"]["condition"] == "service_healthy"
+        targets = {PurePosixPath(v["target"]): v for v in envoy["volumes"]}
+        assert PurePosixPath("/var/log/gateway") in targets and PurePosixPath("/srv/gateway/envoy") in targets
+        [volume] = [v for t, v in targets.items() if t in rendered.parents]
+        writer = model["envoy-config"]
+        assert any(v["source"] == volume["source"] and not v.get("read_only") for v in writer["volumes"])
+        argv_ = [*(writer.get("entrypoint") or ["gateway-entrypoint"]), *writer["command"]]
+        assert argv_[-5:] == ["control.envoy_config", "--transport", "grpc", "/srv/gateway/envoy/envoy.yaml",
+                              str(rendered)]
+        source = [v for v in writer["volumes"] if v["target"] == "/srv/gateway/envoy"]
+        assert source and Path(source[0]["source"]).resolve() == (deployment / "envoy").resolve()
+        # Envoy's command is the main file's but for the config it reads.
+        main = [str(a) for a in service("envoy")["command"]]
+        assert [str(a) for a in envoy["command"]] == [str(rendered) if a == "/srv/gateway/envoy/envoy.yaml" else a
+                                                       for a in main]
+
+
+def test_envoy_validates_the_grpc_config_as_the_override_renders_it(tmp_path: Path) -> None:
+    from control import envoy_config as render
+
+    rendered = tmp_path / "envoy" / "envoy.yaml"
+    render.main(["--transport", "grpc", str(ENVOY_CONFIG), str(rendered)])
+    (tmp_path / "envoy" / "gateway.lua").symlink_to(ROOT / "envoy" / "gateway.lua")
+    (tmp_path / "envoy" / "authz_request.lua").symlink_to(ROOT / "envoy" / "authz_request.lua")
+    config = yaml.safe_load(rendered.read_text())
+    [authz] = [v for k, v in walk(config) if k == "grpc_service"][:1]
+    assert authz["envoy_grpc"]["cluster_name"] == "extauth"
+    assert not [k for k, _ in walk(config) if k in ("http_service", "http_health_check")]
+    log_dir = PurePosixPath(access_log_path()).parent
+    script = f'mount -t tmpfs none /var/log && mkdir -p {log_dir} && exec "$0" --mode validate -c "$1"'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script, str(envoy_binary()), str(rendered)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -23,7 +23,10 @@ def test_make_run_serves_the_demo_from_demo_env_alone(tmp_path: object) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "REDIS_URL", "RUNPOD_API_URL", "RUNPOD_INFERENCE_URL", "MAKEFLAGS")}
     env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_LISTEN=f"127.0.0.1:{listen}",
-               GATEWAY_ADMIN=f"127.0.0.1:{free_port()}", EXTAUTH_LISTEN=f"127.0.0.1:{free_port()}")
+               GATEWAY_ADMIN=f"127.0.0.1:{free_port()}", EXTAUTH_LISTEN=f"127.0.0.1:{free_port()}",
+               # `up` refuses to start on a taken address: none of the defaults, other stacks may run here.
+               GATEWAY_STATS_LISTEN=f"127.0.0.1:{free_port()}", EXTAUTH_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
+               METER_METRICS_LISTEN=f"127.0.0.1:{free_port()}")
     out = (tmp / "make-run.out").open("wb")
     proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)

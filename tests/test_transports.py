@@ -1,18 +1,18 @@
 """The ext_authz transports: the shipped HTTP one (how the body's model and the decision travel as
-headers, and what a client cannot forge there) and the gRPC one an operator can switch to."""
+headers, and what a client cannot forge there) and the gRPC one, selected by EXTAUTH_TRANSPORT=grpc alone."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 import yaml
 
+from control.settings import read_runtime
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call, envoy_copy, wait_until
+from tests.support import ROOT, call, wait_until
 
 
 def chat_body(model: str) -> dict[str, object]:
@@ -79,25 +79,7 @@ def test_the_models_route_is_not_reachable_by_a_client(gateway: Gateway, simulat
         assert tenant.chat_model not in reply.body.decode()
 
 
-# --- the gRPC transport, as an operator switches to it ------------------------------------------------------
-
-
-def grpc_config(root: Path) -> Path:
-    """An operator's copy of envoy/ edited as README "The gRPC transport" says."""
-    path = envoy_copy(root)
-    config = yaml.safe_load(path.read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
-    authz["typed_config"].pop("http_service")
-    authz["typed_config"]["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s"}
-    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "extauth"]
-    cluster["health_checks"][0].pop("http_health_check")
-    cluster["health_checks"][0]["grpc_health_check"] = {}
-    cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+# --- the gRPC transport, one setting away ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +87,27 @@ def grpc_gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
     gateway: Gateway,
 ) -> Iterator[Gateway]:
+    """The same shipped envoy/envoy.yaml, with EXTAUTH_TRANSPORT=grpc and nothing else changed."""
     root = tmp_path_factory.mktemp("grpc")
-    (root / "gw").mkdir()
-    yield from start_gateway(root / "gw", database_url, redis_url, simulator.url,
-                             {"GATEWAY_ENVOY_CONFIG": str(grpc_config(root)), "EXTAUTH_TRANSPORT": "grpc",
+    yield from start_gateway(root, database_url, redis_url, simulator.url,
+                             {"EXTAUTH_TRANSPORT": "grpc",
                               "GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key")})
+
+
+def test_the_grpc_setting_renders_the_grpc_blocks_of_the_shipped_file(grpc_gateway: Gateway) -> None:
+    [effective] = sorted(grpc_gateway.state_dir.glob("envoy.effective.*.yaml"))
+    config = yaml.safe_load(effective.read_text())
+    shipped = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "extauth"]
+    blocks = cluster["metadata"]["filter_metadata"]["gateway.grpc_transport"]
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    assert "http_service" not in authz["typed_config"]
+    assert authz["typed_config"]["grpc_service"] == blocks["grpc_service"]
+    assert cluster["health_checks"][0]["grpc_health_check"] == blocks["grpc_health_check"]
+    assert "http_health_check" not in cluster["health_checks"][0]
+    [shipped_cluster] = [c for c in shipped["static_resources"]["clusters"] if c["name"] == "extauth"]
+    assert shipped_cluster["metadata"] == cluster["metadata"], "the blocks come from the shipped file as they are"
 
 
 def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator) -> None:
@@ -139,3 +137,41 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     wait_until(lambda: {line.get("decision") for line in logged()} >= {"allow", "local"}, 5, "the log lines")
     assert any(line.get("prompt_tokens") for line in logged())
     assert {line.get("error_code") for line in logged()} >= {"model_not_found"}
+
+
+def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
+    grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator
+) -> None:
+    """An attacker on the internal network with a valid gateway key, speaking Envoy's own gRPC API."""
+    import grpc
+    from envoy.service.auth.v3 import attribute_context_pb2 as attributes
+    from envoy.service.auth.v3 import external_auth_pb2 as authz
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.test_custody import process_env
+
+    t = make_tenant(gateway, simulator)
+    secret = process_env(read_runtime(grpc_gateway.state_dir)["pids"]["extauth-0"])["GATEWAY_EXTAUTH_SECRET"]
+    request = authz.CheckRequest(attributes=attributes.AttributeContext(request=attributes.AttributeContext.Request(
+        http=attributes.AttributeContext.HttpRequest(
+            method="POST", path="/v1/chat/completions",
+            headers={"authorization": f"Bearer {t.api_key}", "x-gateway-model": t.chat_model,
+                     # Where a client's own headers travel: never taken as the secret.
+                     "x-gateway-secret": secret}))))
+    with grpc.insecure_channel(grpc_gateway.env["EXTAUTH_LISTEN"]) as channel:
+        check = authz_grpc.AuthorizationStub(channel).Check
+        # The control: with Envoy's metadata the same request is a decision carrying the RunPod key.
+        allowed = check(request, metadata=[("x-gateway-secret", secret)], timeout=5)
+        assert f"Bearer {t.runpod_key}" in str(allowed)
+        for metadata in ([], [("x-gateway-secret", "wrong")], [("x-gateway-secret", secret[:-1])]):
+            with pytest.raises(grpc.RpcError) as refused:
+                check(request, metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert t.runpod_key not in str(refused.value) and secret not in str(refused.value)
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        served = health.Check(health_pb2.HealthCheckRequest(), metadata=[("x-gateway-secret", secret)], timeout=5)
+        assert served.status == health_pb2.HealthCheckResponse.SERVING
