@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from control import credentials, deployments, keys, spend, stack, usage, workspaces
+from control import credentials, deployments, keys, pricing, spend, stack, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -41,7 +41,7 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
     )
     if a.dry_run:
         return deployments.dry_run(ctx, a.workspace, opts, a.utilization)
-    return deployments.deploy(ctx, a.workspace, opts)
+    return deployments.deploy(ctx, a.workspace, opts, price=pricing.explicit(a.price_input, a.price_output))
 
 
 COMMANDS: dict[tuple[str, ...], Handler] = {
@@ -56,7 +56,7 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("runpod", "link"): lambda ctx, a: credentials.link(ctx, a.workspace, _read_secret("RunPod API key: ")),
     ("runpod", "unlink"): lambda ctx, a: credentials.unlink(ctx, a.workspace),
     ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
-    ("prices", "set"): lambda ctx, a: spend.set_price(ctx, a.scope, a.ref, a.input, a.output),
+    ("prices", "set"): lambda ctx, a: pricing.set_price(ctx, a.deployment, a.input, a.output),
     ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
@@ -91,11 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace")
     p.add_argument("usd", type=_usd_or_none, help="US dollars per month, or `none`")
 
-    pr = sub.add_parser("prices", help="per-token prices of managed models").add_subparsers(
+    pr = sub.add_parser("prices", help="per-token prices of managed deployments").add_subparsers(
         dest="action", required=True)
     p = pr.add_parser("set", parents=[common])
-    p.add_argument("ref", help="a public model name, or a deployment id with --deployment")
-    p.add_argument("--deployment", dest="scope", action="store_const", const="deployment", default="model")
+    p.add_argument("deployment", help="the managed deployment's id (prices belong to one deployment)")
     p.add_argument("--input", type=Decimal, required=True, help="USD per million input tokens")
     p.add_argument("--output", type=Decimal, required=True, help="USD per million output tokens")
 
@@ -134,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")
     p.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the endpoint")
     p.add_argument("--dry-run", action="store_true", help="print what would be created and its projected cost")
+    p.add_argument("--price-input", type=Decimal, help="managed: USD per million input tokens (default: catalog)")
+    p.add_argument("--price-output", type=Decimal, help="managed: USD per million output tokens (default: catalog)")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     p = sub.add_parser("usage", parents=[common], help="usage and cost: this billing period and the two before")

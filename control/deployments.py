@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from control import credentials, hotsync, workspaces
+from control import credentials, hotsync, pricing, workspaces
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
@@ -132,11 +132,14 @@ def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) 
 
 
 def deploy(
-    ctx: Context, ws_ref: str, opts: DeployOptions, progress: Callable[[str], None] | None = None
+    ctx: Context, ws_ref: str, opts: DeployOptions, progress: Callable[[str], None] | None = None,
+    price: pricing.Price | None = None,
 ) -> dict[str, Any]:
+    """`price`: a managed deployment's, else the catalog's for its model (control/pricing.py)."""
     say = progress or (lambda message: print(message, file=sys.stderr))
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
+    managed_price = pricing.for_deploy(opts.model, price) if opts.destination == "managed" else None
     account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
 
     row = ctx.db.execute(
@@ -176,6 +179,8 @@ def deploy(
 
     _wait_ready(client, endpoint_id, opts.wait_timeout_s, say)
     with hotsync.changing(ctx) as change:
+        if managed_price is not None:  # priced in the same transaction that opens it to traffic
+            pricing.record(ctx, dep_id, managed_price, replace=price is not None)
         ctx.db.execute("UPDATE deployments SET state = 'ready' WHERE id = %s", (dep_id,))
         change.workspace(ws["id"])
     return {"id": dep_id, "workspace_id": ws["id"], "model": opts.public_name, "endpoint_id": endpoint_id,

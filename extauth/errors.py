@@ -126,6 +126,17 @@ def byoc_account_mismatch() -> Denial:
     )
 
 
+def model_not_priced(model: str) -> Denial:
+    # The operator's omission, not the client's: 503, and a message that names who can fix it.
+    return Denial(
+        503,
+        "model_not_priced",
+        f"The model `{_shown(model)}` has no price set, so it cannot be served yet. The gateway operator "
+        "sets one with `gatewayctl prices set <deployment id> --input USD --output USD`.",
+        "server_error",
+    )
+
+
 def plan_limit_exceeded() -> Denial:
     return Denial(
         403,

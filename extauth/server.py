@@ -40,7 +40,8 @@ async def serve(settings: ExtauthSettings) -> None:
     hot = ScriptClient(settings.redis_url, hotstate.DECIDE_SCRIPT, settings.redis_timeout_ms / 1000)
     store = StateStore(pool, keyring(), settings.cache_size, keyring)
     metrics = ExtauthMetrics(_meter(settings.metrics_listen is not None), store)
-    checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key)
+    checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key, settings.spend,
+                      settings.redis_timeout_ms / 1000)
     service = http_check.CheckService(checker, store)
     server = grpc_transport = None
     if settings.transport == "grpc":

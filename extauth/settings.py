@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control.env import HostPort, SettingsError, env_choice, env_hostport, env_int, env_opt, env_str
+from extauth.reservation import ReservationPolicy
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ExtauthSettings:
     metrics_listen: HostPort | None
     managed_api_key: str | None
     drain_s: float
+    spend: ReservationPolicy
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -46,4 +48,9 @@ class ExtauthSettings:
             metrics_listen=HostPort.parse(metrics, "EXTAUTH_METRICS_LISTEN") if metrics else None,
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
             drain_s=env_int("EXTAUTH_DRAIN_MS", 2000) / 1000,
+            spend=ReservationPolicy(
+                default_completion_tokens=env_int("EXTAUTH_SPEND_DEFAULT_COMPLETION_TOKENS", 4096, minimum=0),
+                unsized_prompt_tokens=env_int("EXTAUTH_SPEND_UNSIZED_PROMPT_TOKENS", 32768, minimum=0),
+                ttl_s=env_int("EXTAUTH_SPEND_RESERVATION_TTL_S", 3600, minimum=1),
+            ),
         )
