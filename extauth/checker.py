@@ -88,6 +88,7 @@ class Checker:
         managed_key: str | None = None,
         spend: ReservationPolicy | None = None,
         redis_timeout_s: float = 0.25,
+        check_budget_s: float = 0.5,
     ) -> None:
         self._store = store
         self._hot = hot
@@ -95,25 +96,28 @@ class Checker:
         self._fail_open = redis_failure_mode == "open"
         self._metrics = metrics
         self._spend = spend or ReservationPolicy()
-        # The script refuses to act past the moment this process has given up waiting for it (a check
-        # answered 503 during a Redis stall must not take from the bucket or the limit afterwards).
-        self._clock = hotstate.RedisClock(redis_timeout_s)
+        # The script refuses to act once this process or Envoy has given up on the check (one answered
+        # 503 during a Redis stall or a database wait must not take from the bucket or the limit later).
+        self._clock = hotstate.RedisClock(redis_timeout_s, check_budget_s)
         self._months = hotstate.MonthClock()
 
     async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
         the body's `model` as envoy/authz_request.lua hands it over."""
         started = time.perf_counter()
+        started_us = self._clock.now_us()
         model = headers.get(MODEL_HEADER)
         try:
-            decision = await self._check(method, path, headers, None if model is None else unquote(model))
+            decision = await self._check(method, path, headers, None if model is None else unquote(model), started_us)
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
         self._metrics.decided(decision.kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision
 
-    async def _check(self, method: str, raw_path: str, headers: Mapping[str, str], model: str | None) -> Decision:
+    async def _check(
+        self, method: str, raw_path: str, headers: Mapping[str, str], model: str | None, started_us: int
+    ) -> Decision:
         path = routes.split_path(raw_path)
         meta = {"route": path}
         route = routes.ROUTES.get(path)
@@ -150,7 +154,7 @@ class Checker:
         if route.modalities and workspace.spend_limit_uusd is not None:
             size = lambda ws: self._reservation(route, ws, model, headers)  # noqa: E731
         try:
-            verdict, key, workspace = await self._rate_limit(key_hash, key, workspace, size, headers)
+            verdict, key, workspace = await self._rate_limit(key_hash, key, workspace, size, headers, started_us)
         except RedisUnavailable as exc:
             mode = "open" if self._fail_open else "closed"
             log.warning("rate limiter unavailable (%s); failing %s", exc, mode)
@@ -200,6 +204,7 @@ class Checker:
         workspace: WorkspaceEntry,
         size: Callable[[WorkspaceEntry], int] | None,
         headers: Mapping[str, str],
+        started_us: int,
     ) -> tuple[hotstate.Verdict, KeyEntry, WorkspaceEntry]:
         """One script call in steady state; on a stale or missing view, reload and publish it, then
         decide again (bounded: a view freshly read from PostgreSQL is never older than Redis's). A reply
@@ -211,14 +216,14 @@ class Checker:
         for _ in range(4):
             if refresh:
                 args = hotstate.decide_args(
-                    self._clock.deadline_us(), key.generation, workspace.generation, workspace.month, reserve,
+                    self._clock.deadline_us(started_us), key.generation, workspace.generation, workspace.month, reserve,
                     request_id, self._spend.ttl_s, workspace.spent_uusd,
                     hotstate.key_fields(key.generation, key.revoked, key.rpm_limit),
                     hotstate.workspace_fields(workspace.generation, workspace.rpm_default, workspace.rpm_ceiling,
                                               workspace.spend_limit_uusd),
                 )
             else:
-                args = hotstate.decide_args(self._clock.deadline_us(), key.generation, workspace.generation,
+                args = hotstate.decide_args(self._clock.deadline_us(started_us), key.generation, workspace.generation,
                                             self._months.month(), reserve, request_id, self._spend.ttl_s)
             verdict = hotstate.parse_verdict(
                 await self._hot.decide(hotstate.decide_keys(key.key_id, workspace.workspace_id), args)

@@ -287,21 +287,29 @@ def parse_verdict(reply: list[int]) -> Verdict:
 
 
 class RedisClock:
-    """Deadlines in Redis's time. The offset of Redis's clock from this host's is learned from each
-    reply's now_us (taken when the script ran, so the estimate errs early by at most the reply's trip),
-    so host clocks need not agree. Until a first reply it is assumed 0; a check whose deadline that
-    makes wrong comes back EXPIRED with Redis's time, and is retried once on the corrected offset."""
+    """Deadlines in Redis's time: past the moment this process will have given up on a check (its Redis
+    timeout) or Envoy on it (the check budget), the script changes nothing. The offset of Redis's clock
+    from this host's is learned from each reply's now_us (taken when the script ran, so the estimate
+    errs early by at most the reply's trip), so host clocks need not agree. Until a first reply it is
+    assumed 0; a check whose deadline that makes wrong comes back EXPIRED with Redis's time, and is
+    retried once on the corrected offset."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, budget_s: float) -> None:
         self._timeout_us = int(timeout_s * 1_000_000)
+        self._budget_us = int(budget_s * 1_000_000)
         self.offset_us = 0
 
-    def deadline_us(self) -> int:
-        return time.time_ns() // 1000 + self.offset_us + self._timeout_us
+    @staticmethod
+    def now_us() -> int:
+        return time.time_ns() // 1000
+
+    def deadline_us(self, started_us: int) -> int:
+        """For a script call made now by a check that started at `started_us` (this host's clock)."""
+        return min(started_us + self._budget_us, self.now_us() + self._timeout_us) + self.offset_us
 
     def observe(self, redis_now_us: int) -> None:
         if redis_now_us:
-            self.offset_us = redis_now_us - time.time_ns() // 1000
+            self.offset_us = redis_now_us - self.now_us()
 
 
 class MonthClock:

@@ -25,6 +25,7 @@ class ExtauthSettings:
     managed_api_key: str | None
     drain_s: float
     spend: ReservationPolicy
+    check_budget_s: float
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -53,4 +54,6 @@ class ExtauthSettings:
                 unsized_prompt_tokens=env_int("EXTAUTH_SPEND_UNSIZED_PROMPT_TOKENS", 32768, minimum=0),
                 ttl_s=env_int("EXTAUTH_SPEND_RESERVATION_TTL_S", 3600, minimum=1),
             ),
+            # envoy/envoy.yaml's per-try timeout of a check (its retry_back_off max_interval).
+            check_budget_s=env_int("EXTAUTH_CHECK_BUDGET_MS", 500, minimum=1) / 1000,
         )

@@ -132,19 +132,25 @@ def stream_delay(simulator: Simulator, endpoint_id: str, ms: int) -> None:
     assert call("PATCH", f"{simulator.url}/_sim/endpoints/{endpoint_id}", {"stream_delay_ms": ms}).status == 200
 
 
-async def _one(base_url: str, key: str, model: str, stream: bool) -> str:
+async def _one(base_url: str, key: str, model: str, stream: bool, answered: list[str] | None = None) -> str:
+    """One request's outcome: "ok" or the error code. `answered` gets an entry once it is answered
+    (a stream: once its response has begun)."""
     sdk = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
     messages: Any = [{"role": "user", "content": " ".join("w" * WORDS)}]
     try:
         if stream:
             chunks = await sdk.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
                                                        stream=True)
+            if answered is not None:
+                answered.append("stream")
             async for _chunk in chunks:
                 pass
         else:
             await sdk.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS)
         return "ok"
     except openai.APIStatusError as exc:
+        if answered is not None:
+            answered.append("error")
         return str(exc.code or exc.status_code)
     finally:
         await sdk.close()
@@ -191,7 +197,7 @@ def test_concurrent_long_streams_over_keys_and_replicas_never_pass_the_limit(
     outcomes = burst(gateway, s, 30)
     admitted = outcomes.count("ok")
     assert set(outcomes) == {"ok", "plan_limit_exceeded"}, outcomes
-    assert 1 <= admitted <= 5, outcomes  # 30 × $0.0162 would have been $0.486 against a $0.10 limit
+    assert 1 <= admitted <= 5, outcomes  # 30 x $0.0162 would have been $0.486 against a $0.10 limit
     spent = wait_recorded(gateway, s.workspace_id, admitted)
     assert spent == Decimal(str(COST)) * admitted <= LIMIT
     wait_until(lambda: reserved_uusd(redis_server, s.workspace_id) == 0, 10, "every reservation settled")
@@ -213,11 +219,16 @@ def test_redis_restart_mid_traffic_rebuilds_the_spend_and_forgets_only_what_was_
     gateway: Gateway, simulator: Simulator, redis_server: Redis
 ) -> None:
     s = make_spender(gateway, simulator)
-    stream_delay(simulator, s.endpoint_id, 150)  # ~2.5 s streams, still running when Redis restarts
+    stream_delay(simulator, s.endpoint_id, 200)  # ~3.5 s streams, still running when Redis restarts
 
     async def scenario() -> tuple[list[str], list[str]]:
-        first = [asyncio.ensure_future(_one(gateway.base_url, s.keys[i % 3], s.model, True)) for i in range(30)]
-        await asyncio.sleep(0.8)
+        answered: list[str] = []
+        first = [asyncio.ensure_future(_one(gateway.base_url, s.keys[i % 3], s.model, True, answered))
+                 for i in range(30)]
+        deadline = time.monotonic() + 10
+        while len(answered) < 30 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert answered.count("stream") and len(answered) == 30, answered
         await asyncio.to_thread(redis_server.stop)
         await asyncio.to_thread(redis_server.start)  # empty: every hot key and reservation is gone
         await asyncio.sleep(0.3)
@@ -243,7 +254,9 @@ def test_postgres_stopped_holds_the_limit_on_reservations_then_settles(
     gateway: Gateway, simulator: Simulator, own_postgres: Any, redis_server: Redis
 ) -> None:
     s = make_spender(gateway, simulator)
-    assert burst(gateway, s, 1, stream=False) == ["ok"]  # warms the replicas' caches and Redis
+    assert burst(gateway, s, 1, stream=False) == ["ok"]  # the spend state in Redis
+    for key in s.keys * 4:  # every replica's caches (a replica missing a key needs the database)
+        assert call("GET", f"{gateway.base_url}/models", key=key).status == 200
     wait_recorded(gateway, s.workspace_id, 1)
     stop_postgres(own_postgres)
     try:
@@ -328,6 +341,6 @@ def test_unpriced_managed_traffic_is_refused(gateway: Gateway, simulator: Simula
             change.workspace(t.workspace_id)
     reply = call("POST", f"{gateway.base_url}/chat/completions",
                  {"model": "qwen", "messages": [{"role": "user", "content": "x"}]}, key=t.api_key)
-    assert reply.status == 503
+    assert reply.status == 403
     error = reply.json()["error"]
     assert error["code"] == "model_not_priced" and "gatewayctl prices set" in error["message"]
