@@ -169,6 +169,11 @@ if spent then
     release(spend, reservations, reservation_expiry, id)
   end
   local reserved = tonumber(redis.call('HGET', spend, 'r') or '0')
+  if reserved > 0 and redis.call('EXISTS', reservations) == 0 then
+    -- The amounts expired as a whole (no reservation for SPEND_STATE_TTL_S): none is live.
+    reserved = 0
+    redis.call('HSET', spend, 'r', 0)
+  end
   if spent + reserved + reserve > spend_limit then
     spend_state = @SPEND_REFUSED@
   else
@@ -176,8 +181,10 @@ if spent then
     redis.call('HINCRBY', reservations, request_id, reserve)
     redis.call('ZADD', reservation_expiry, now + ttl * 1000000, request_id)
     redis.call('HINCRBY', spend, 'r', reserve)
-    redis.call('EXPIRE', reservations, ttl)
-    redis.call('EXPIRE', reservation_expiry, ttl)
+    -- Each reservation expires on its own (the zset's score); the keys outlive them all.
+    redis.call('EXPIRE', spend, @SPEND_STATE_TTL_S@)
+    redis.call('EXPIRE', reservations, @SPEND_STATE_TTL_S@)
+    redis.call('EXPIRE', reservation_expiry, @SPEND_STATE_TTL_S@)
     spend_state = @SPEND_RESERVED@
   end
 end

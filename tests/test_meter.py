@@ -417,7 +417,8 @@ def test_settling_releases_reservations_and_raises_the_spend_once(db: str, log_p
     client.zadd(expiry, {"req-1": 1, "req-2": 1, "running": 1})
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     managed = {"destination": "managed", "start_time": now, "prompt_tokens": 1000, "completion_tokens": 0}
-    lines = [entry("req-1", **managed), entry("req-2", **managed), entry("byo", **(managed | {"destination": "runpod"}))]
+    byo = entry("byo", **(managed | {"destination": "runpod"}))
+    lines = [entry("req-1", **managed), entry("req-2", **managed), byo]
     append(log_path, *lines)
     config = dataclasses.replace(settings(db, log_path), redis_url=redis_url)
 
