@@ -223,3 +223,46 @@ def test_past_its_deadline_the_script_changes_nothing(script: tuple[int, int]) -
     assert late.status == hotstate.EXPIRED and late.now_us >= fresh.now_us
     after = decide(client, ws, 0, "")
     assert after.remaining == fresh.remaining - 1  # the expired call took nothing from the bucket
+
+
+def test_migration_0003_prices_each_live_managed_deployment_as_it_was_charged(postgres_server: str) -> None:
+    import importlib.resources
+
+    import psycopg
+
+    from control.migrate import apply_migrations
+    from tests.conftest import fresh_database
+
+    url = fresh_database(postgres_server)
+    files = importlib.resources.files("control.migrations")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for version, name in ((1, "0001_init.sql"), (2, "0002_usage.sql")):
+            conn.execute(files.joinpath(name).read_text().encode())
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+        conn.execute("INSERT INTO workspaces (id, name, plan) VALUES ('ws_a', 'a', 'pro'), ('ws_b', 'b', 'pro')")
+        conn.execute(
+            "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, state) VALUES"
+            " ('dep_named', 'ws_a', 'chat', 'org/a', 'llm', 'managed', 'ready'),"
+            " ('dep_own', 'ws_b', 'chat', 'org/b', 'llm', 'managed', 'ready'),"
+            " ('dep_none', 'ws_a', 'other', 'org/c', 'llm', 'managed', 'ready'),"
+            " ('dep_byo', 'ws_a', 'mine', 'org/d', 'llm', 'runpod', 'ready')"
+        )
+        conn.execute("INSERT INTO model_prices VALUES ('model', 'chat', 1, 2), ('deployment', 'dep_own', 3, 4),"
+                     " ('model', 'mine', 5, 6)")
+        conn.execute(
+            "INSERT INTO usage_events (request_id, start_time, workspace_id, destination, cost_usd) VALUES"
+            " ('r1', '2026-11-30T23:59:59Z', 'ws_a', 'managed', 0.5), ('r2', '2026-12-01T00:00:01Z', 'ws_a',"
+            " 'managed', 0.25), ('r3', '2026-12-01T00:00:02Z', 'ws_a', 'runpod', 0)"
+        )
+    assert any(name.startswith("0003") for name in apply_migrations(url))
+    with psycopg.connect(url) as conn:
+        prices = conn.execute("SELECT deployment_id, input_usd_per_mtok, output_usd_per_mtok FROM deployment_prices"
+                              " ORDER BY 1").fetchall()
+        spend = conn.execute("SELECT workspace_id, month, spent_usd FROM workspace_spend ORDER BY 2").fetchall()
+        gone = conn.execute("SELECT to_regclass('model_prices')").fetchone()
+    # Each deployment keeps what it was charged: its own price first, else its name's; unpriced stays so.
+    assert [(d, int(i), int(o)) for d, i, o in prices] == [("dep_named", 1, 2), ("dep_own", 3, 4)]
+    assert [(w, m, float(s)) for w, m, s in spend] == [("ws_a", 202611, 0.5), ("ws_a", 202612, 0.25)]
+    assert gone == (None,)
