@@ -150,8 +150,9 @@ class Checker:
         meta["workspace_id"] = key.workspace_id
         meta["key_id"] = key.key_id
 
+        # Under whichever view of the workspace the script call ends up using (a reload may bring a limit).
         size = None
-        if route.modalities and workspace.spend_limit_uusd is not None:
+        if route.modalities:
             size = lambda ws: self._reservation(route, ws, model, headers)  # noqa: E731
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace, size, headers, started_us)
