@@ -139,7 +139,9 @@ def start(
     procs: Processes, name: str, envoy: str, config: dict[str, Any], directory: Path, concurrency: int
 ) -> Child:
     path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    # JSON, as control/envoy_config.py writes it: PyYAML leaves strings such as `n` bare, which Envoy's
+    # YAML parser reads as booleans.
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")
     # No hot restart: these Envoys must not share a shared-memory base id with the gateway's own.
     return procs.spawn(name, [envoy, "-c", str(path), "--log-level", "warning", "--disable-hot-restart",
                               "--concurrency", str(concurrency)], {"PATH": "/usr/bin:/bin"})

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from control import credentials, deployments, hf_tokens, keys, spend, stack, usage, workspaces
+from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -47,7 +47,7 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
             return plan
         print(deployments.render_dry_run(plan))
         return None
-    return deployments.deploy(ctx, a.workspace, opts)
+    return deployments.deploy(ctx, a.workspace, opts, price=pricing.explicit(a.price_input, a.price_output))
 
 
 COMMANDS: dict[tuple[str, ...], Handler] = {
@@ -66,7 +66,9 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("hf-token", "set"): lambda ctx, a: hf_tokens.set_token(ctx, a.workspace, _read_secret("Hugging Face token: ")),
     ("hf-token", "clear"): lambda ctx, a: hf_tokens.clear_token(ctx, a.workspace),
     ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
-    ("prices", "set"): lambda ctx, a: spend.set_price(ctx, a.scope, a.ref, a.input, a.output),
+    ("prices", "set"): lambda ctx, a: pricing.set_price(
+        ctx, deployments.find(ctx, a.deployment, a.workspace), a.input, a.output
+    ),
     ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
@@ -151,14 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help=WS)
     p.add_argument("usd", type=_usd_or_none, help="US dollars per month, or `none`")
 
-    pr = sub.add_parser("prices", **_doc("per-token prices of managed models")).add_subparsers(
-        dest="action", required=True)
+    pr = sub.add_parser("prices", **_doc("per-token prices of managed deployments")).add_subparsers(
+        dest="action", required=True, metavar="ACTION")
     p = pr.add_parser("set", parents=[common], **_doc(
-        "set a managed model's price per million tokens", "gatewayctl prices set chat --input 0.15 --output 0.60",
-        "gatewayctl prices set dep_0123 --deployment --input 0.10 --output 0.40"))
-    p.add_argument("ref", help="a public model name, or a deployment id with --deployment")
-    p.add_argument("--deployment", dest="scope", action="store_const", const="deployment", default="model",
-                   help="price one deployment (its own price beats its model's)")
+        "set a managed deployment's price per million tokens",
+        "gatewayctl prices set dep_0123 --input 0.15 --output 0.60",
+        "gatewayctl prices set chat --workspace acme --input 0.15 --output 0.60",
+        about="Prices belong to one deployment: two workspaces' deployments of the same public name are priced\n"
+        "independently. `deployments list WS` shows the ids."))
+    p.add_argument("deployment", help="the managed deployment's id, or its public name (with --workspace when "
+                   "several workspaces use it)")
+    p.add_argument("--workspace", "-w", help="the workspace whose deployment DEPLOYMENT names")
     p.add_argument("--input", type=Decimal, required=True, help="USD per million input tokens")
     p.add_argument("--output", type=Decimal, required=True, help="USD per million output tokens")
 
@@ -240,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be created (readable text, or JSON with --json), its memory estimate "
                    "and projected cost; a Hugging Face token shows masked")
+    p.add_argument("--price-input", type=Decimal, help="managed: USD per million input tokens (default: catalog)")
+    p.add_argument("--price-output", type=Decimal, help="managed: USD per million output tokens (default: catalog)")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     p = sub.add_parser("usage", parents=[common], **_doc(

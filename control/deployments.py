@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from control import credentials, hf_tokens, hotsync, readiness, workspaces
+from control import credentials, hf_tokens, hotsync, pricing, readiness, workspaces
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
@@ -225,11 +225,14 @@ def render_dry_run(result: dict[str, Any]) -> str:
 
 
 def deploy(
-    ctx: Context, ws_ref: str, opts: DeployOptions, progress: Callable[[str], None] | None = None
+    ctx: Context, ws_ref: str, opts: DeployOptions, progress: Callable[[str], None] | None = None,
+    price: pricing.Price | None = None,
 ) -> dict[str, Any]:
+    """`price`: a managed deployment's, else the catalog's for its model (control/pricing.py)."""
     say = progress or (lambda message: print(message, file=sys.stderr))
     ws = workspaces.resolve(ctx, ws_ref)
     _check_deployable(ctx, ws, opts)
+    managed_price = pricing.for_deploy(opts.model, price) if opts.destination == "managed" else None
     account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
     plan = _plan(ctx, client, ws["id"], opts, 1.0)
     for warning in plan.warnings:
@@ -282,6 +285,8 @@ def deploy(
                                                 plan.sizing.init_timeout_s, say, hint,
                                                 poll_s=min(2.0, max(0.05, opts.wait_timeout_s / 20)))
     with hotsync.changing(ctx) as change:
+        if managed_price is not None:  # priced in the same transaction that opens it to traffic
+            pricing.record(ctx, dep_id, managed_price, replace=price is not None)
         ctx.db.execute("UPDATE deployments SET state = 'ready' WHERE id = %s", (dep_id,))
         change.workspace(ws["id"])
     return {"id": dep_id, "workspace_id": ws["id"], "model": opts.public_name, "endpoint_id": endpoint_id,

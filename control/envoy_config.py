@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -176,7 +177,9 @@ def render(
 
 def write(config: dict[str, Any], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    # As JSON (a YAML subset Envoy reads alike): PyYAML writes strings such as `n` bare, which Envoy's
+    # YAML 1.1 parser then reads as booleans (the body field `n` in json_to_metadata's selectors).
+    target.write_text(json.dumps(config, indent=1), encoding="utf-8")
     return target
 
 

@@ -1,5 +1,5 @@
 """Publishes control-plane changes to the Redis hot state that every ext_authz replica checks on each
-request, so a revoke, limit, plan, deployment or credential change applies on the next request.
+request, so a revoke, limit, plan, deployment, price or credential change applies on the next request.
 
 Use `with changing(ctx) as change:` around a change: the generations are bumped in the same
 transaction, and published to Redis only after it commits (publishing earlier would let a replica
@@ -39,22 +39,24 @@ def _bump(db: DB, change: Change) -> list[tuple[str, list[Any]]]:
     for ws_id in sorted(change.workspaces):
         row = db.execute(
             "UPDATE workspaces SET generation = generation + 1 WHERE id = %s"
-            " RETURNING generation, plan, rpm_default, rpm_ceiling",
+            " RETURNING generation, plan, rpm_default, rpm_ceiling, spend_limit_usd",
             (ws_id,),
         ).fetchone()
         if row is not None:
-            generation, plan, rpm_default, rpm_ceiling = row
+            generation, plan, rpm_default, rpm_ceiling, spend_limit = row
             default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
-            puts.append((hotstate.workspace_redis_key(ws_id), hotstate.workspace_fields(generation, default, ceiling)))
+            limit = None if spend_limit is None else hotstate.uusd(spend_limit)
+            puts.append((hotstate.workspace_redis_key(ws_id),
+                         hotstate.workspace_fields(generation, default, ceiling, limit)))
     for key_id in sorted(change.keys):
         row = db.execute(
             "UPDATE api_keys SET generation = generation + 1 WHERE id = %s"
-            " RETURNING generation, revoked_at IS NOT NULL, rpm_limit",
+            " RETURNING workspace_id, generation, revoked_at IS NOT NULL, rpm_limit",
             (key_id,),
         ).fetchone()
         if row is not None:
-            generation, revoked, rpm_limit = row
-            puts.append((hotstate.key_redis_key(key_id), hotstate.key_fields(generation, revoked, rpm_limit)))
+            ws_id, generation, revoked, rpm_limit = row
+            puts.append((hotstate.key_redis_key(ws_id, key_id), hotstate.key_fields(generation, revoked, rpm_limit)))
     return puts
 
 

@@ -1,20 +1,43 @@
 -- Hands the request body's `model` (lifted by json_to_metadata just before) to ext_authz as the
--- header x-gateway-model, so the body itself never travels to ext_authz.
+-- header x-gateway-model, so the body itself never travels to ext_authz; and, when the body states
+-- them, its completion budget (`max_completion_tokens`, else `max_tokens`) as x-gateway-max-tokens and
+-- its choice count `n` as x-gateway-choices, and the body's size as x-gateway-body-bytes (Envoy sends
+-- ext_authz a check with content-length 0): together they size a managed request's spend reservation.
 --
--- A client's own x-gateway-model never gets this far (envoy.yaml removes it before routing), so the
--- header can only carry the body's value. The value is percent-escaped (control characters, spaces,
--- "%", DEL and non-ASCII bytes): a model name is client input and may hold bytes no header may carry,
--- or spaces a header would trim; ext_authz unescapes it.
+-- A client's own x-gateway-* headers never get this far (envoy.yaml removes them before routing), so
+-- the headers can only carry the body's values. The model is percent-escaped (control characters,
+-- spaces, "%", DEL and non-ASCII bytes): a model name is client input and may hold bytes no header may
+-- carry, or spaces a header would trim; ext_authz unescapes it. A count is passed only when it is a
+-- whole number a request could mean; anything else is left to the upstream to refuse.
 
 local BODY = "envoy.filters.http.json_to_metadata"
 local HEADER = "x-gateway-model"
+local MAX_TOKENS = "x-gateway-max-tokens"
+local CHOICES = "x-gateway-choices"
+local BODY_BYTES = "x-gateway-body-bytes"
 
 local function escape(value)
   return (value:gsub("[%c%% \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
 end
 
+local function count(value)
+  if type(value) == "number" and value >= 0 and value < 2147483648 and value == math.floor(value) then
+    return string.format("%d", value)
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local body = handle:streamInfo():dynamicMetadata():get(BODY)
-  local model = body and body["model"]
-  if type(model) == "string" then handle:headers():add(HEADER, escape(model)) end
+  if not body then return end
+  local model = body["model"]
+  local headers = handle:headers()
+  if type(model) ~= "string" then return end
+  headers:add(HEADER, escape(model))
+  local length = headers:get("content-length")
+  if length then headers:add(BODY_BYTES, length) end
+  local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
+  if budget then headers:add(MAX_TOKENS, budget) end
+  local choices = count(body["n"])
+  if choices then headers:add(CHOICES, choices) end
 end

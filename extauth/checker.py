@@ -1,23 +1,39 @@
 """The decision for one request, in the order a client's mistakes are best reported: route, credential,
-rate limit, model, then the upstream credential. Transport-free: extauth/http_check.py (the shipped
-transport) and extauth/grpc_check.py render the same Decision."""
+rate limit, model, spend limit, then the upstream credential. Transport-free: extauth/http_check.py (the
+shipped transport) and extauth/grpc_check.py render the same Decision.
+
+A managed request of a workspace with a spend limit reserves its estimated cost (extauth/reservation.py)
+in the same script call as the rate limit (control/spend.py states the guarantee). Only a request that
+would otherwise be allowed asks for a reservation, so no refusal holds any."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS
 from extauth import errors, hotstate, ratelimit, routes, upstream
-from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision
+from extauth.decision import (
+    ALLOW,
+    BODY_BYTES_HEADER,
+    CHOICES_HEADER,
+    DENY,
+    LOCAL,
+    LOCAL_MODELS_PATH,
+    MAX_TOKENS_HEADER,
+    MODEL_HEADER,
+    Decision,
+)
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
+from extauth.reservation import ReservationPolicy
 from extauth.state import DeploymentEntry, KeyEntry, StateStore, WorkspaceEntry
 
 log = logging.getLogger("extauth")
@@ -70,22 +86,29 @@ class Checker:
         redis_failure_mode: str,
         metrics: ExtauthMetrics,
         managed_key: str | None = None,
+        spend: ReservationPolicy | None = None,
+        redis_timeout_s: float = 0.25,
+        check_budget_s: float = 0.5,
     ) -> None:
         self._store = store
         self._hot = hot
         self._managed_key = managed_key
         self._fail_open = redis_failure_mode == "open"
         self._metrics = metrics
+        self._spend = spend or ReservationPolicy()
+        # The script refuses to act once this process or Envoy has given up on the check (one answered
+        # 503 during a Redis stall or a database wait must not take from the bucket or the limit later).
+        self._clock = hotstate.RedisClock(redis_timeout_s, check_budget_s)
+        self._months = hotstate.MonthClock()
 
     async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
         the body's `model` as envoy/authz_request.lua hands it over."""
         started = time.perf_counter()
+        started_us = self._clock.now_us()
         model = headers.get(MODEL_HEADER)
         try:
-            decision = await self._check(
-                method, path, headers.get("authorization"), None if model is None else unquote(model), headers.keys()
-            )
+            decision = await self._check(method, path, headers, None if model is None else unquote(model), started_us)
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
@@ -93,7 +116,7 @@ class Checker:
         return decision
 
     async def _check(
-        self, method: str, raw_path: str, authorization: str | None, model: str | None, header_names: Iterable[str]
+        self, method: str, raw_path: str, headers: Mapping[str, str], model: str | None, started_us: int
     ) -> Decision:
         path = routes.split_path(raw_path)
         meta = {"route": path}
@@ -106,6 +129,7 @@ class Checker:
         if method != route.method:
             return _deny(errors.method_not_allowed(method, path), [], meta)
 
+        authorization = headers.get("authorization")
         if not authorization:
             return _deny(errors.missing_api_key(), [], meta)
         token = apikeys.bearer_token(authorization)
@@ -126,14 +150,19 @@ class Checker:
         meta["workspace_id"] = key.workspace_id
         meta["key_id"] = key.key_id
 
+        # Under whichever view of the workspace the script call ends up using (a reload may bring a limit).
+        size = None
+        if route.modalities:
+            size = lambda ws: self._reservation(route, ws, model, headers)  # noqa: E731
         try:
-            verdict, key, workspace = await self._rate_limit(key_hash, key, workspace)
+            verdict, key, workspace = await self._rate_limit(key_hash, key, workspace, size, headers, started_us)
         except RedisUnavailable as exc:
             mode = "open" if self._fail_open else "closed"
             log.warning("rate limiter unavailable (%s); failing %s", exc, mode)
             self._metrics.redis_error(exc.timeout)
             self._metrics.failure_mode(mode)
-            if not self._fail_open:
+            # Failing open admits without a rate limit, never past a spend limit it cannot hold.
+            if not self._fail_open or (size is not None and size(workspace)):
                 return _deny(errors.gateway_unavailable(), [], meta)
             verdict = None
         except Exception:
@@ -150,26 +179,63 @@ class Checker:
 
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)
-        over_spend = verdict is not None and verdict.over_spend == 1
-        return self._allow(route, workspace, model, header_names, limit_headers, meta, over_spend)
+        over_spend = verdict is not None and verdict.spend == hotstate.SPEND_REFUSED
+        return self._allow(route, workspace, model, headers.keys(), limit_headers, meta, over_spend)
+
+    def _reservation(
+        self, route: routes.Route, workspace: WorkspaceEntry, model: str | None, headers: Mapping[str, str]
+    ) -> int:
+        """The micro-USD this request reserves against the spend limit: 0 unless it is a managed request
+        of a limited workspace that _allow would let through."""
+        if workspace.spend_limit_uusd is None or not model:
+            return 0
+        dep = workspace.deployments.get(model)
+        if (dep is None or dep.destination != "managed" or dep.input_price is None or dep.output_price is None
+                or dep.modality not in route.modalities or not self._managed_key
+                or routes.upstream_path(dep.endpoint_id, route) is None):
+            return 0
+        return self._spend.cost_uusd(
+            dep, headers.get(BODY_BYTES_HEADER), headers.get(MAX_TOKENS_HEADER), headers.get(CHOICES_HEADER)
+        )
 
     async def _rate_limit(
-        self, key_hash: bytes, key: KeyEntry, workspace: WorkspaceEntry
+        self,
+        key_hash: bytes,
+        key: KeyEntry,
+        workspace: WorkspaceEntry,
+        size: Callable[[WorkspaceEntry], int] | None,
+        headers: Mapping[str, str],
+        started_us: int,
     ) -> tuple[hotstate.Verdict, KeyEntry, WorkspaceEntry]:
         """One script call in steady state; on a stale or missing view, reload and publish it, then
-        decide again (bounded: a view freshly read from PostgreSQL is never older than Redis's)."""
-        refresh = False
-        for _ in range(3):
-            args: list[Any] = [key.generation, workspace.generation]
+        decide again (bounded: a view freshly read from PostgreSQL is never older than Redis's). A reply
+        EXPIRED in time means this process misjudged Redis's clock: retried once on the corrected one.
+        `size` gives the request's spend reservation under a view (None: it reserves nothing)."""
+        refresh = expired = False
+        reserve = size(workspace) if size else 0
+        request_id = (headers.get("x-request-id") or uuid.uuid4().hex) if size else ""
+        for _ in range(4):
             if refresh:
-                kf = hotstate.key_fields(key.generation, key.revoked, key.rpm_limit)
-                wf = hotstate.workspace_fields(workspace.generation, workspace.rpm_default, workspace.rpm_ceiling)
-                args += [len(kf), *kf, *wf]
+                args = hotstate.decide_args(
+                    self._clock.deadline_us(started_us), key.generation, workspace.generation, workspace.month, reserve,
+                    request_id if reserve else "", self._spend.ttl_s, workspace.spent_uusd,
+                    hotstate.key_fields(key.generation, key.revoked, key.rpm_limit),
+                    hotstate.workspace_fields(workspace.generation, workspace.rpm_default, workspace.rpm_ceiling,
+                                              workspace.spend_limit_uusd),
+                )
             else:
-                args.append(0)
+                args = hotstate.decide_args(self._clock.deadline_us(started_us), key.generation, workspace.generation,
+                                            self._months.month(), reserve, request_id if reserve else "",
+                                            self._spend.ttl_s)
             verdict = hotstate.parse_verdict(
                 await self._hot.decide(hotstate.decide_keys(key.key_id, workspace.workspace_id), args)
             )
+            self._clock.observe(verdict.now_us)
+            if verdict.status == hotstate.EXPIRED:
+                if expired:
+                    raise RedisUnavailable("Redis ran the check past its deadline", timeout=True)
+                expired = True
+                continue
             if verdict.status not in (hotstate.UNKNOWN, hotstate.STALE):
                 return verdict, key, workspace
             reloaded_key = await self._store.reload_key(key_hash)
@@ -177,6 +243,7 @@ class Checker:
             if reloaded_key is None or reloaded_ws is None:
                 return hotstate.Verdict(hotstate.REVOKED), key, workspace
             key, workspace, refresh = reloaded_key, reloaded_ws, True
+            reserve = size(workspace) if size else 0
         raise RuntimeError("hot state did not converge")
 
     def _models(
@@ -215,6 +282,8 @@ class Checker:
                 return _deny(denial, limit_headers, meta)
             upstream_key = workspace.credential.runpod_key if workspace.credential else None
         else:
+            if dep.input_price is None or dep.output_price is None:
+                return _deny(errors.model_not_priced(model), limit_headers, meta)
             if over_spend:
                 return _deny(errors.plan_limit_exceeded(), limit_headers, meta)
             upstream_key = self._managed_key

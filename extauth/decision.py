@@ -31,6 +31,11 @@ PATH_HEADER = "x-gateway-path"
 # The request body's `model`, lifted by json_to_metadata and handed over, percent-escaped, by
 # envoy/authz_request.lua.
 MODEL_HEADER = "x-gateway-model"
+# The body's completion budget, choice count and size, handed over the same way when present (they size
+# a managed request's spend reservation, extauth/reservation.py).
+MAX_TOKENS_HEADER = "x-gateway-max-tokens"
+CHOICES_HEADER = "x-gateway-choices"
+BODY_BYTES_HEADER = "x-gateway-body-bytes"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

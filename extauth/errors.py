@@ -133,6 +133,18 @@ def byoc_account_mismatch() -> Denial:
     )
 
 
+def model_not_priced(model: str) -> Denial:
+    # The operator's omission, not the client's; the message names who can fix it. 403, not 503: a 503
+    # from ext_authz is Envoy's "authorization unavailable" (its local reply replaces the body), and
+    # SDKs would retry it in vain.
+    return Denial(
+        403,
+        "model_not_priced",
+        f"The model `{_shown(model)}` has no price set, so it cannot be served yet. The gateway operator "
+        "sets one with `gatewayctl prices set <deployment id> --input USD --output USD`.",
+    )
+
+
 def plan_limit_exceeded() -> Denial:
     return Denial(
         403,

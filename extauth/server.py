@@ -39,12 +39,16 @@ async def serve(settings: ExtauthSettings) -> None:
     def keyring() -> Keyring:
         return load_keyring(settings.master_key, settings.master_key_file, create=False)
 
-    pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False)
+    # Checked on checkout (one round trip, on cache misses only): after a database restart the pooled
+    # connections are dead, and each would otherwise fail one check with a 503.
+    pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False,
+                               check=AsyncConnectionPool.check_connection)
     await pool.open(wait=True, timeout=30)
     hot = ScriptClient(settings.redis_url, hotstate.DECIDE_SCRIPT, settings.redis_timeout_ms / 1000)
     store = StateStore(pool, keyring(), settings.cache_size, keyring)
     metrics = ExtauthMetrics(_meter(settings.metrics_listen is not None), store)
-    checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key)
+    checker = Checker(store, hot, settings.redis_failure_mode, metrics, settings.managed_api_key, settings.spend,
+                      settings.redis_timeout_ms / 1000, settings.check_budget_s)
     secret = EnvoySecret(settings.envoy_secret)
     service = http_check.CheckService(checker, store, secret)
     server = grpc_transport = None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from control.env import HostPort, SettingsError, env_choice, env_hostport, env_int, env_opt, env_str
 from extauth.custody import MIN_SECRET_CHARS
+from extauth.reservation import ReservationPolicy
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ExtauthSettings:
     managed_api_key: str | None
     drain_s: float
     envoy_secret: str
+    spend: ReservationPolicy
+    check_budget_s: float
 
     @classmethod
     def from_env(cls) -> ExtauthSettings:
@@ -54,4 +57,11 @@ class ExtauthSettings:
             managed_api_key=env_opt("GATEWAY_MANAGED_API_KEY"),
             drain_s=env_int("EXTAUTH_DRAIN_MS", 2000) / 1000,
             envoy_secret=secret,
+            spend=ReservationPolicy(
+                default_completion_tokens=env_int("EXTAUTH_SPEND_DEFAULT_COMPLETION_TOKENS", 4096, minimum=0),
+                unsized_prompt_tokens=env_int("EXTAUTH_SPEND_UNSIZED_PROMPT_TOKENS", 32768, minimum=0),
+                ttl_s=env_int("EXTAUTH_SPEND_RESERVATION_TTL_S", 3600, minimum=1),
+            ),
+            # envoy/envoy.yaml's per-try timeout of a check (its retry_back_off max_interval).
+            check_budget_s=env_int("EXTAUTH_CHECK_BUDGET_MS", 500, minimum=1) / 1000,
         )

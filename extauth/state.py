@@ -10,12 +10,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
 from control.crypto import CryptoError, Keyring, Sealed
 from control.plans import effective_limits
+from extauth import hotstate
 from extauth.cache import BoundedCache
 
 log = logging.getLogger("extauth")
@@ -40,6 +42,9 @@ class DeploymentEntry:
     endpoint_id: str
     account_id: str | None
     created: int
+    # Managed deployments' prices, USD per million tokens (= micro-USD per token); None: unpriced.
+    input_price: float | None = None
+    output_price: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,11 @@ class WorkspaceEntry:
     deployments: dict[str, DeploymentEntry]
     credential: CredentialEntry | None
     models_body: str  # the /v1/models answer, built once per load
+    spend_limit_uusd: int | None = None  # monthly cap on managed spend, micro-USD; None: no cap
+    # Managed spend committed in `month` (YYYYMM) as PostgreSQL had it at this load, published to Redis
+    # whenever this view is (the spend limit's state is rebuilt from it when Redis lost it).
+    spent_uusd: int = 0
+    month: int = 0
 
 
 class StateStore:
@@ -136,7 +146,7 @@ class StateStore:
     async def _load_workspace(self, workspace_id: str) -> WorkspaceEntry | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT plan, generation, rpm_default, rpm_ceiling FROM workspaces WHERE id = %s",
+                "SELECT plan, generation, rpm_default, rpm_ceiling, spend_limit_usd FROM workspaces WHERE id = %s",
                 (workspace_id,),
             )
             ws = await cur.fetchone()
@@ -144,20 +154,26 @@ class StateStore:
                 self.workspaces.discard(workspace_id)
                 return None
             cur = await conn.execute(
-                "SELECT id, public_name, modality, destination, endpoint_id, account_id,"
-                " extract(epoch FROM created_at)::bigint"
-                " FROM deployments WHERE workspace_id = %s AND state = 'ready' AND endpoint_id IS NOT NULL"
-                " ORDER BY public_name",
+                "SELECT d.id, d.public_name, d.modality, d.destination, d.endpoint_id, d.account_id,"
+                " extract(epoch FROM d.created_at)::bigint, p.input_usd_per_mtok::float8, p.output_usd_per_mtok::float8"
+                " FROM deployments d LEFT JOIN deployment_prices p ON p.deployment_id = d.id"
+                " WHERE d.workspace_id = %s AND d.state = 'ready' AND d.endpoint_id IS NOT NULL"
+                " ORDER BY d.public_name",
                 (workspace_id,),
             )
             deployments = {row[1]: DeploymentEntry(*row) for row in await cur.fetchall()}
+            month = hotstate.month_tag(datetime.now(UTC))
+            cur = await conn.execute(
+                "SELECT spent_usd FROM workspace_spend WHERE workspace_id = %s AND month = %s", (workspace_id, month)
+            )
+            spent_row = await cur.fetchone()
             cur = await conn.execute(
                 "SELECT account_id, key_version, nonce, ciphertext, rejected_at IS NOT NULL"
                 " FROM runpod_credentials WHERE workspace_id = %s",
                 (workspace_id,),
             )
             cred_row = await cur.fetchone()
-        plan, generation, rpm_default, rpm_ceiling = ws
+        plan, generation, rpm_default, rpm_ceiling, spend_limit = ws
         default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
         entry = WorkspaceEntry(
             workspace_id=workspace_id,
@@ -168,6 +184,9 @@ class StateStore:
             deployments=deployments,
             credential=self._credential(workspace_id, cred_row),
             models_body=_models_body(deployments),
+            spend_limit_uusd=None if spend_limit is None else hotstate.uusd(spend_limit),
+            spent_uusd=hotstate.uusd(spent_row[0]) if spent_row else 0,
+            month=month,
         )
         self.workspaces.put(workspace_id, entry)
         return entry

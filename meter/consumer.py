@@ -20,7 +20,7 @@ from opentelemetry.metrics import NoOpMeterProvider
 from meter.metrics import MeterMetrics
 from meter.parse import Reject, UsageRecord, parse_line
 from meter.settings import MeterSettings
-from meter.spend_flags import SpendFlags
+from meter.spend_settle import SpendSettlement
 from meter.store import RejectedLine, UsageStore
 from meter.tail import LogTailer, Position
 
@@ -46,7 +46,7 @@ class Meter:
         store: UsageStore,
         tailer: LogTailer,
         metrics: MeterMetrics,
-        spend_flags: SpendFlags | None,
+        settlement: SpendSettlement | None,
         writer: ThreadPoolExecutor,
     ) -> None:
         self._settings = settings
@@ -54,7 +54,7 @@ class Meter:
         self._store = store
         self._tailer = tailer
         self._metrics = metrics
-        self._spend_flags = spend_flags
+        self._settlement = settlement
         # One thread: the connection is only ever used by one batch at a time, in order.
         self._writer = writer
 
@@ -67,12 +67,12 @@ class Meter:
             stack.callback(store.close)
             tailer = LogTailer(settings.access_log, store.load_position(str(settings.access_log)))
             stack.callback(tailer.close)
-            spend_flags = SpendFlags(settings.redis_url) if settings.redis_url else None
-            if spend_flags is not None:
-                stack.callback(spend_flags.close)
+            settlement = SpendSettlement(settings.redis_url) if settings.redis_url else None
+            if settlement is not None:
+                stack.callback(settlement.close)
             # Entered last, so it is shut down (its batch finished) before the connection closes.
             writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="meter-writer"))
-            yield cls(settings, store, tailer, metrics or MeterMetrics(NoOpMeterProvider()), spend_flags, writer)
+            yield cls(settings, store, tailer, metrics or MeterMetrics(NoOpMeterProvider()), settlement, writer)
 
     def step(self) -> int:
         """Record the next batch of complete lines; return how many lines it held (0: none yet)."""
@@ -117,9 +117,8 @@ class Meter:
     def _write(self, batch: _ParsedBatch) -> int:
         recorded = self._store.write(self._log_path, batch.end, batch.records, batch.rejects)
         self._metrics.record(batch.lines, len(batch.rejects), recorded)
-        if self._spend_flags is not None:
-            charged = {row.workspace_id for row in recorded if row.charged and row.workspace_id}
-            self._spend_flags.refresh(self._store.conn, charged)
+        if self._settlement is not None:
+            self._settlement.settle(self._store.conn, batch.records)
         return batch.lines
 
 

@@ -7,7 +7,7 @@
   small batches pays the per-batch round trips many times over: 500 ran at two thirds the speed.
 - METER_POLL_MS: wait for new lines once the log is consumed, default 200
 - METER_METRICS_LISTEN: HOST:PORT of the Prometheus endpoint; none if unset
-- REDIS_URL: where the spend-limit flags live (see meter.spend_flags); not maintained if unset
+- REDIS_URL: where spend reservations are settled (see meter.spend_settle); not settled if unset
 """
 
 from __future__ import annotations

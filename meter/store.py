@@ -18,7 +18,7 @@ from control.context import DB
 from meter.parse import UsageRecord
 from meter.tail import Position
 
-_REQUIRED_TABLES = ("usage_events", "meter_offsets", "meter_rejects", "model_prices")
+_REQUIRED_TABLES = ("usage_events", "meter_offsets", "meter_rejects", "deployment_prices", "workspace_spend")
 _REJECT_TEXT_CHARS = 8192  # enough to see what went wrong; a rejected line can be up to 1 MiB
 
 _COLUMNS = ", ".join(UsageRecord._fields)
@@ -32,23 +32,30 @@ JOIN pg_attribute a ON a.attrelid = 'meter_batch'::regclass AND a.attname = c.na
 ORDER BY c.n
 """
 _COPY_BATCH = f"COPY meter_batch ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-# Managed destinations are priced per token, a deployment's own price first; bring-your-own RunPod
-# traffic is paid by the customer to RunPod, so it is recorded at cost 0.
+# Managed destinations are priced per token, by the deployment's own price (deployment_prices);
+# bring-your-own RunPod traffic is paid by the customer to RunPod, so it is recorded at cost 0. The
+# month's managed spend of each workspace (workspace_spend, what the spend limit is checked against)
+# grows in the same statement by what was newly recorded, so a replayed line adds nothing to it either.
+_MONTH_OF = "(extract(year FROM {t} AT TIME ZONE 'UTC') * 100 + extract(month FROM {t} AT TIME ZONE 'UTC'))::integer"
 _INSERT_USAGE = f"""
 WITH recorded AS (
     INSERT INTO usage_events ({_COLUMNS}, cost_usd)
     SELECT {", ".join("b." + column for column in UsageRecord._fields)},
            CASE WHEN b.destination = 'runpod' THEN 0
-                ELSE coalesce(b.prompt_tokens * d.input_usd_per_mtok + b.completion_tokens * d.output_usd_per_mtok,
-                              b.prompt_tokens * m.input_usd_per_mtok + b.completion_tokens * m.output_usd_per_mtok,
+                ELSE coalesce(b.prompt_tokens * p.input_usd_per_mtok + b.completion_tokens * p.output_usd_per_mtok,
                               0) / 1000000
            END
     FROM meter_batch b
-    LEFT JOIN model_prices d ON d.scope = 'deployment' AND d.ref = b.deployment_id
-    LEFT JOIN model_prices m ON m.scope = 'model' AND m.ref = b.model
+    LEFT JOIN deployment_prices p ON p.deployment_id = b.deployment_id
     ON CONFLICT (request_id) DO NOTHING
     RETURNING workspace_id, model, status / 100 AS status_class, cost_usd > 0 AS charged,
-              prompt_tokens, completion_tokens
+              prompt_tokens, completion_tokens, destination, start_time, cost_usd
+), spent AS (
+    INSERT INTO workspace_spend AS s (workspace_id, month, spent_usd)
+    SELECT workspace_id, {_MONTH_OF.format(t="coalesce(start_time, now())")}, sum(cost_usd)
+    FROM recorded WHERE destination = 'managed' AND workspace_id IS NOT NULL AND cost_usd > 0
+    GROUP BY 1, 2 ORDER BY 1, 2  -- one lock order for every meter: two never deadlock
+    ON CONFLICT (workspace_id, month) DO UPDATE SET spent_usd = s.spent_usd + excluded.spent_usd
 )
 SELECT workspace_id, model, status_class, charged, count(*), sum(prompt_tokens), sum(completion_tokens)
 FROM recorded GROUP BY workspace_id, model, status_class, charged
@@ -71,7 +78,7 @@ class RejectedLine(NamedTuple):
 
 
 class RecordedUsage(NamedTuple):
-    """Newly recorded rows of one batch, summed by what the metrics and the spend flags tell apart."""
+    """Newly recorded rows of one batch, summed by what the metrics tell apart."""
 
     workspace_id: str | None
     model: str | None

@@ -1,5 +1,6 @@
 """The managed destination: deployed on the platform's account, signed with the platform's key, priced
-per token, and refused with 403 plan_limit_exceeded once a workspace reaches its monthly spend limit."""
+per token, and refused with 403 plan_limit_exceeded once a workspace reaches its monthly spend limit
+(tests/test_spend.py holds the limit's bound under concurrency and outages)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def test_managed_deploy_serves_every_modality_and_signs_with_the_platform_key(
     t = make_tenant(gateway, simulator)
     for modality in ("llm", "embedding", "image", "speech", "voice"):
         dep = gateway.ctl_json("deploy", t.workspace_id, "--model", f"org/{modality}", "--modality", modality,
-                               "--name", f"managed-{modality}", "--destination", "managed", "--wait-timeout", "10")
+                               "--name", f"managed-{modality}", "--destination", "managed", "--wait-timeout", "10",
+                               "--price-input", "1", "--price-output", "1")
         assert dep["state"] == "ready"
     simulator.clear()
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)
@@ -31,19 +33,21 @@ def test_managed_deploy_serves_every_modality_and_signs_with_the_platform_key(
 
 def test_spend_limit_stops_managed_traffic_but_not_byoc(gateway: Gateway, simulator: Simulator) -> None:
     t = make_tenant(gateway, simulator)
-    gateway.ctl_json("deploy", t.workspace_id, "--model", "org/priced", "--modality", "llm",
-                     "--name", "priced-chat", "--destination", "managed", "--wait-timeout", "10")
-    # $10 per million tokens both ways; each call below costs 7 tokens = $0.00007.
-    gateway.ctl_json("prices", "set", "priced-chat", "--input", "10", "--output", "10")
-    limit = gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "0.0002")
+    # $10 per million tokens both ways; each call below costs 7 tokens = $0.00007, and reserves its body's
+    # bytes plus max_tokens at that price (~$0.001) while it runs.
+    dep = gateway.ctl_json("deploy", t.workspace_id, "--model", "org/priced", "--modality", "llm",
+                           "--name", "priced-chat", "--destination", "managed", "--wait-timeout", "10",
+                           "--price-input", "1", "--price-output", "1")
+    gateway.ctl_json("prices", "set", dep["id"], "--input", "10", "--output", "10")
+    limit = gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "0.0013")
     assert limit["at_limit"] is False
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)
 
     def call_managed() -> None:
-        sdk.chat.completions.create(model="priced-chat", messages=[{"role": "user", "content": "a b c"}])
+        sdk.chat.completions.create(model="priced-chat", messages=[{"role": "user", "content": "a b c"}],
+                                    max_tokens=20)
 
-    for _ in range(3):
-        call_managed()
+    call_managed()  # the limit has room for one request's reservation at a time
 
     def refused() -> bool:
         try:
@@ -54,7 +58,7 @@ def test_spend_limit_stops_managed_traffic_but_not_byoc(gateway: Gateway, simula
         time.sleep(0.2)
         return False
 
-    wait_until(refused, 15, "the meter to flag the workspace at its limit")
+    wait_until(refused, 30, "the spend to reach the limit")
     # Bring-your-own traffic is the customer's own RunPod bill: never capped here.
     assert sdk.chat.completions.create(model=t.chat_model, messages=[{"role": "user", "content": "x"}]).choices
     assert gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "none")["at_limit"] is False
@@ -65,7 +69,7 @@ def test_spend_limit_stops_managed_traffic_but_not_byoc(gateway: Gateway, simula
 def test_byoc_plan_gate_does_not_apply_to_managed(gateway: Gateway, simulator: Simulator, plan: str) -> None:
     t = make_tenant(gateway, simulator)
     gateway.ctl_json("deploy", t.workspace_id, "--model", "org/m", "--modality", "llm", "--name", "managed-any",
-                     "--destination", "managed", "--wait-timeout", "10")
+                     "--destination", "managed", "--wait-timeout", "10", "--price-input", "1", "--price-output", "1")
     gateway.ctl_json("workspace", "set-plan", t.workspace_id, plan)
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)
     assert sdk.chat.completions.create(model="managed-any", messages=[{"role": "user", "content": "x"}]).choices

@@ -23,7 +23,7 @@ import redis
 
 from control.migrate import apply_migrations
 from control.net import free_port, wait_for_http
-from extauth.hotstate import spend_redis_key
+from extauth import hotstate
 from meter import Meter, MeterSettings, run_once
 from meter.metrics import OTHER, UsageLabels
 from meter.parse import MAX_LINE_BYTES
@@ -365,46 +365,76 @@ def test_partial_trailing_line_waits_for_its_newline(db: str, log_path: Path) ->
     assert totals(db) == expected_totals([*done, entry("pending")])
 
 
-def test_cost_of_managed_rows(db: str, log_path: Path) -> None:
+def _managed_deployments(conn: psycopg.Connection[Any]) -> None:
+    """Two workspaces with a managed deployment of the same public name, priced apart, and one unpriced."""
+    conn.execute("INSERT INTO workspaces (id, name, plan) VALUES ('ws_abc', 'abc', 'pro'), ('ws_other', 'o', 'pro')")
+    conn.execute(
+        "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, state) VALUES"
+        " ('dep_abc', 'ws_abc', 'demo-chat', 'org/a', 'llm', 'managed', 'ready'),"
+        " ('dep_other', 'ws_other', 'demo-chat', 'org/b', 'llm', 'managed', 'ready'),"
+        " ('dep_unpriced', 'ws_abc', 'other-model', 'org/c', 'llm', 'managed', 'ready')"
+    )
+    conn.execute("INSERT INTO deployment_prices (deployment_id, input_usd_per_mtok, output_usd_per_mtok) VALUES"
+                 " ('dep_abc', 0.50, 1.50), ('dep_other', 2, 4)")
+
+
+def test_cost_of_managed_rows_is_their_deployments_price(db: str, log_path: Path) -> None:
     with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO model_prices VALUES ('model', 'demo-chat', 0.50, 1.50), ('deployment', 'dep_own', 2, 4)"
-        )
+        _managed_deployments(conn)
     managed = {"destination": "managed", "prompt_tokens": 1000, "completion_tokens": 3}
     append(
         log_path,
-        entry("by-model", **managed),
-        entry("by-deployment", deployment_id="dep_own", **managed),
+        entry("abc", **managed),
+        entry("other", workspace_id="ws_other", deployment_id="dep_other", **managed),
         entry("byo", **(managed | {"destination": "runpod"})),
-        entry("unpriced", model="other-model", **managed),
+        entry("unpriced", model="other-model", deployment_id="dep_unpriced", **managed),
     )
 
     run_once(settings(db, log_path))
 
     costs = dict(query(db, "SELECT request_id, cost_usd FROM usage_events"))
     assert costs == {
-        "by-model": Decimal("0.000504500"),  # 1000 * 0.5 / 1e6 + 3 * 1.5 / 1e6
-        "by-deployment": Decimal("0.002012000"),  # 1000 * 2 / 1e6 + 3 * 4 / 1e6
+        "abc": Decimal("0.000504500"),  # 1000 * 0.5 / 1e6 + 3 * 1.5 / 1e6
+        "other": Decimal("0.002012000"),  # the same public name in another workspace: its own price
         "byo": Decimal("0"),
         "unpriced": Decimal("0"),
     }
+    # The month's managed spend, kept with the rows (the start time's month, UTC).
+    assert query(db, "SELECT workspace_id, month, spent_usd FROM workspace_spend ORDER BY 1") == [
+        ("ws_abc", 202611, Decimal("0.000504500")), ("ws_other", 202611, Decimal("0.002012000"))]
 
 
-def test_charged_workspaces_get_their_spend_flag_refreshed(db: str, log_path: Path, redis_url: str) -> None:
+def test_settling_releases_reservations_and_raises_the_spend_once(db: str, log_path: Path, redis_url: str) -> None:
     with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO workspaces (id, name, plan, spend_limit_usd) VALUES"
-            " ('ws_capped', 'capped', 'pro', 0.0001), ('ws_free', 'free', 'pro', 100)"
-        )
-        conn.execute("INSERT INTO model_prices VALUES ('model', 'demo-chat', 10, 10)")
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    managed = {"destination": "managed", "start_time": now, "prompt_tokens": 10, "completion_tokens": 10}
-    append(log_path, entry(workspace_id="ws_capped", **managed), entry(workspace_id="ws_free", **managed))
-
-    run_once(dataclasses.replace(settings(db, log_path), redis_url=redis_url))
-
+        _managed_deployments(conn)
+        conn.execute("UPDATE workspaces SET spend_limit_usd = 1")
     client = redis.Redis.from_url(redis_url)
-    assert client.exists(spend_redis_key("ws_capped")) and not client.exists(spend_redis_key("ws_free"))
+    spend, amounts, expiry = hotstate.spend_redis_keys("ws_abc")
+    month = hotstate.month_tag(datetime.now(UTC))
+    # Two reservations ext_authz made (and one of a request still running), as DECIDE_SCRIPT leaves them.
+    client.hset(spend, mapping={"m": month, "p": 0, "r": 300})
+    client.hset(amounts, mapping={"req-1": 100, "req-2": 100, "running": 100})
+    client.zadd(expiry, {"req-1": 1, "req-2": 1, "running": 1})
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    managed = {"destination": "managed", "start_time": now, "prompt_tokens": 1000, "completion_tokens": 0}
+    byo = entry("byo", **(managed | {"destination": "runpod"}))
+    lines = [entry("req-1", **managed), entry("req-2", **managed), byo]
+    append(log_path, *lines)
+    config = dataclasses.replace(settings(db, log_path), redis_url=redis_url)
+
+    run_once(config)
+    state = {k.decode(): int(v) for k, v in client.hgetall(spend).items()}
+    assert state == {"m": month, "p": 1000, "r": 100}  # 2 x 1000 tokens at $0.50/M = 1000 micro-USD
+    assert client.hkeys(amounts) == [b"running"] and client.zrange(expiry, 0, -1) == [b"running"]
+
+    # A replay (the log read again from the start) and a second meter change nothing.
+    with psycopg.connect(db) as conn:
+        conn.execute("DELETE FROM meter_offsets")
+    run_once(config)
+    append(log_path.with_name("other.log"), *lines)
+    run_once(dataclasses.replace(config, access_log=log_path.with_name("other.log")))
+    assert {k.decode(): int(v) for k, v in client.hgetall(spend).items()} == state
+    assert query(db, "SELECT spent_usd FROM workspace_spend WHERE workspace_id = 'ws_abc'") == [(Decimal("0.001"),)]
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

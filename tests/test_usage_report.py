@@ -86,5 +86,10 @@ def test_money_in_json_has_fixed_places(gateway: Gateway, simulator: Simulator) 
     t = make_tenant(gateway, simulator)
     limit = gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "12.5")
     assert limit["spend_limit_usd"] == "12.500000"
-    price = gateway.ctl_json("prices", "set", "fixed-places-model", "--input", "0.15", "--output", "1E+1")
+    gateway.ctl_json("deploy", t.workspace_id, "--model", "org/fixed-places", "--modality", "llm",
+                     "--name", "fixed-places-model", "--destination", "managed", "--wait-timeout", "10",
+                     "--price-input", "1", "--price-output", "1")
+    # By public name within the workspace, as an operator would name it.
+    price = gateway.ctl_json("prices", "set", "fixed-places-model", "--workspace", t.workspace_id,
+                             "--input", "0.15", "--output", "1E+1")
     assert (price["input_usd_per_mtok"], price["output_usd_per_mtok"]) == ("0.150000", "10.000000")
