@@ -23,7 +23,7 @@ Control routes (no auth, never recorded)
     GET    /_sim/state                   {"accounts": [{..., "templates": [...], "endpoints": [...]}],
                                           "knobs": {endpoint_id: {...}}}
     PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy,
-                                          cold_start_ms, stream_delay_ms, embedding_dim,
+                                          cold_start_ms, stream_delay_ms, stream_split_bytes, embedding_dim,
                                           fail none|http500|worker_error_200|unauthorized|
                                                vllm_context_length|vllm_unknown_model|vllm_bad_parameter|
                                                vllm_unprocessable|vllm_internal|infinity_error,
@@ -208,7 +208,7 @@ FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized", "infinity_e
 STREAM_ERROR_TYPES = ("application/json", "text/event-stream")
 KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
               "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0),
-              "embedding_dim": _t(int, minimum=1, maximum=65536),
+              "embedding_dim": _t(int, minimum=1, maximum=65536), "stream_split_bytes": _t(int, minimum=0),
               "stream_error_content_type": _enum(*STREAM_ERROR_TYPES)})
 RUN_BODY = _obj({"input": lambda v, p: [], "webhook": _STR, "policy": _t(dict)}, ("input",))
 FAIL_NEXT = _obj({"path_contains": _STR, "status": _t(int, minimum=100, maximum=599), "method": _STR,
@@ -235,6 +235,7 @@ class Knobs:
     fail: str = "none"
     stream_delay_ms: int = 0
     embedding_dim: int = 8
+    stream_split_bytes: int = 0
     stream_error_content_type: str = "application/json"
 
 
@@ -839,10 +840,18 @@ class Simulator:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        # vLLM writes compact JSON (pydantic model_dump_json); worker-vllm passes its bytes on as they come
+        # (`resp.content.iter_any()`), so event and chunk boundaries need not meet: `stream_split_bytes`
+        # cuts each event into pieces of that many bytes, each written on its own.
+        split = ep.knobs.stream_split_bytes
         for n, chunk in enumerate(chunks):
             if n and ep.knobs.stream_delay_ms:
                 await asyncio.sleep(ep.knobs.stream_delay_ms / 1000)
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            event = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            for start in range(0, len(event), split or len(event)):
+                if start:
+                    await asyncio.sleep(0.001)  # apart, so that they reach the gateway as separate reads
+                await response.write(event[start:start + (split or len(event))])
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
