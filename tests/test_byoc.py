@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -218,12 +219,13 @@ def short_cold_start(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
     gateway: Gateway,
 ) -> Iterator[Gateway]:
-    # An operator's copy of envoy/ with the cold-start allowance (the runpod route's timeout) cut to 1 s.
+    # An operator's copy of envoy/ with the cold-start allowance (the runpod route's time to first byte)
+    # cut to 1 s.
     root = tmp_path_factory.mktemp("cold-start")
     config = envoy_copy(root)
     text = config.read_text()
-    assert text.count("timeout: 600s") == 2
-    config.write_text(text.replace("timeout: 600s", "timeout: 1s", 1))
+    assert text.count("per_try_timeout: 600s") == 2
+    config.write_text(text.replace("per_try_timeout: 600s", "per_try_timeout: 1s", 1))
     (root / "gw").mkdir()
     yield from start_gateway(root / "gw", database_url, redis_url, simulator.url,
                              {"GATEWAY_ENVOY_CONFIG": str(config),
@@ -241,6 +243,21 @@ def test_cold_start_past_the_allowance_points_to_the_runpod_console(
     error = reply.json()["error"]
     assert error["code"] == "upstream_unavailable"
     assert "Check the endpoint in your RunPod console" in error["message"]
+
+
+def test_a_stream_longer_than_the_allowance_completes(
+    short_cold_start: Gateway, simulator: Simulator, gateway: Gateway
+) -> None:
+    t = make_tenant(gateway, simulator)
+    # 9 events 300 ms apart: 2.4 s of streaming against a 1 s allowance, each silence far below idle_timeout.
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{t.deployments[t.chat_model]}", {"stream_delay_ms": 300})
+    sdk = openai.OpenAI(base_url=short_cold_start.base_url, api_key=t.api_key, max_retries=0)
+    started = time.monotonic()
+    chunks = list(sdk.chat.completions.create(
+        model=t.chat_model, messages=[{"role": "user", "content": "a b c d e f g"}], stream=True))
+    assert time.monotonic() - started > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: a b c d e f g"
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_a_refusal_is_confirmed_before_a_working_key_is_taken_out(gateway: Gateway, simulator: Simulator) -> None:
