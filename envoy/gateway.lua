@@ -168,6 +168,26 @@ local function stream_error(handle, chunk, pending)
   return nil
 end
 
+-- Whether the first `key` in `event` is followed by a non-empty string. Plain finds and anchored
+-- matches only: an unanchored pattern is tried at every byte, and this runs for every event.
+local function has_text(event, key)
+  local _, stop = event:find(key, 1, true)
+  return stop ~= nil and event:find('^%s*:%s*"[^"]', stop + 1) ~= nil
+end
+
+local function after_key(event, key, pattern)
+  local _, stop = event:find(key, 1, true)
+  return stop ~= nil and event:find(pattern, stop + 1) ~= nil
+end
+
+-- `event` without the member that starts at `key` and ends at `last`, and its separating comma.
+local function without(event, key, last)
+  local before = event:sub(1, key - 1):match("^(.-),%s*$")
+  if before then return before .. event:sub(last + 1) end
+  local after = event:sub(last + 1):match("^%s*,(.*)$")
+  return event:sub(1, key - 1) .. (after or event:sub(last + 1))
+end
+
 local function rewrite_stream(handle)
   local request = handle:streamInfo():dynamicMetadata():get(REQUEST)
   local asked = request ~= nil and request["include_usage"] == true
@@ -188,22 +208,20 @@ local function rewrite_stream(handle)
         local event = bytes:sub(pos, stop)
         pos = stop + 1
         if model == nil then model = first_model(event) end
-        if event:find('"content"%s*:%s*"[^"]') or event:find('"text"%s*:%s*"[^"]') then
+        if has_text(event, '"content"') or has_text(event, '"text"') then
           counted = counted + 1
           seen = true
         end
-        if event:find('"usage"', 1, true) then
-          local found = event:match('"usage"%s*:%s*(%b{})')
-          local closing = event:find('"choices"%s*:%s*%[%s*%]')
-          if found then
-            usage, seen, changed = found, true, true
-            final = final or closing ~= nil
+        local key = event:find('"usage"', 1, true)
+        if key then
+          local value_from, value_to = event:find("^%s*:%s*%b{}", key + 7)
+          local closing = after_key(event, '"choices"', "^%s*:%s*%[%s*%]")
+          if value_from then
+            usage, seen, changed = event:match("%b{}", value_from), true, true
+            final = final or closing
+            if not closing then event = without(event, key, value_to) end
           end
-          if closing and not asked then
-            event = ""
-          elseif not closing then
-            event = event:gsub(',%s*"usage"%s*:%s*%b{}', "", 1):gsub('"usage"%s*:%s*%b{}%s*,', "", 1)
-          end
+          if closing and not asked then event = "" end
         end
         out[#out + 1] = event
       end
