@@ -129,7 +129,14 @@ def test_stream_rewritten_across_arbitrary_chunk_boundaries(gateway: Gateway, si
         assert [c.usage is not None for c in asked] == [False] * (len(asked) - 1) + [True]
         assert asked[-1].choices == [] and asked[-1].usage is not None
         assert (asked[-1].usage.prompt_tokens, asked[-1].usage.completion_tokens) == (PROMPT, COMPLETION)
-    wait_until(lambda: len(usage_rows(gateway, t.workspace_id)) == 6, 20, "six rows")
+    # The SDK over HTTP/2 (h2c with prior knowledge, as Envoy's listener speaks it) gets the same stream.
+    with httpx2.Client(http1=False, http2=True) as h2c:
+        raw = sdk(gateway, t.api_key, http_client=h2c).chat.completions.with_raw_response.create(
+            model=t.chat_model, messages=HELLO, stream=True)
+        assert raw.http_version == "HTTP/2"
+        chunks = list(raw.parse())
+    assert all(c.choices and c.usage is None for c in chunks) and len(chunks) == COMPLETION + 1
+    wait_until(lambda: len(usage_rows(gateway, t.workspace_id)) == 7, 20, "seven rows")
     assert {(r[3], r[4], r[5]) for r in usage_rows(gateway, t.workspace_id)} == {(PROMPT, COMPLETION, False)}
 
 
