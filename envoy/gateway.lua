@@ -198,8 +198,12 @@ local function rewrite_stream(handle)
     if pending ~= "" then bytes = pending .. bytes end
     if first and bytes:find("^%s*{") then failed = true end
     if #bytes > 0 then first = false end
-    if failed then
+    if failed == "answered" or (failed and #bytes > HOLD_MAX) then
+      chunk:setBytes("") -- nothing after the error object is for the client
+      pending = ""
+    elseif failed then
       pending = stream_error(handle, chunk, bytes) or ""
+      if pending == "" then failed = "answered" end
     else
       local out, pos, changed, seen = {}, 1, pending ~= "", false
       while true do
