@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant
-from tests.support import call, wait_until
+from tests.support import ROOT, call, wait_until
 
 HELLO = [{"role": "user", "content": "one two three four five six seven"}]
 # The simulator's exact figures for HELLO: 7 words in, "Echo:" and those 7 words out.
@@ -286,3 +286,35 @@ def test_a_2048_by_3072_embeddings_response_reaches_the_client(gateway: Gateway,
     assert (status, prompt, estimated) == (200, 3 * 2048, False)  # usage read from the body's last bytes
     size = len(json.dumps(reply.model_dump()["data"]))
     assert size > 20_000_000
+
+
+# --- how close the estimate is ------------------------------------------------------------------------------
+
+
+def test_the_estimate_against_the_simulators_exact_counts(gateway: Gateway, simulator: Simulator) -> None:
+    """Streams from a deployment that does not force usage, whose clients do not ask for it: every row
+    is an estimate. Compared with the simulator's exact counts (README, "How usage is metered")."""
+    t = make_tenant(gateway, simulator)
+    endpoint = t.deployments[t.chat_model]
+    reply = call("PATCH", f"{simulator.url}/v2/serverless/{endpoint}",
+                 {"env": {"MODEL_NAME": "org/chat-model", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": t.chat_model}},
+                 key=t.runpod_key)
+    assert reply.status == 200, reply.body
+    prose = (ROOT / "README.md").read_text().split()
+    exact: list[tuple[int, int]] = []
+    client = sdk(gateway, t.api_key)
+    for n, size in enumerate([5, 20, 50, 100, 200, 500, 1000, 2000] * 3):
+        content = " ".join(prose[n * 97 % 3000:][:size])
+        list(client.chat.completions.create(model=t.chat_model, messages=[{"role": "user", "content": content}],
+                                            stream=True, max_tokens=size))
+        words = len(content.split())
+        exact.append((words, min(words + 1, size)))
+    wait_until(lambda: len(usage_rows(gateway, t.workspace_id)) == len(exact), 30, "every row")
+    rows = usage_rows(gateway, t.workspace_id)
+    assert all(r[5] for r in rows)  # all marked estimated
+    prompt_error = sum(r[3] for r in rows) / sum(p for p, _ in exact) - 1
+    completion_error = sum(r[4] for r in rows) / sum(c for _, c in exact) - 1
+    print(f"\nestimate vs exact over {len(rows)} requests: prompt {prompt_error:+.1%}, "
+          f"completion {completion_error:+.1%}")
+    assert completion_error == 0  # one content event a token, as the simulator sends them
+    assert 0 < prompt_error < 1  # errs high, by under 2x over this set (README gives the figure)
