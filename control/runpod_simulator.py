@@ -26,7 +26,8 @@ Control routes (no auth, never recorded)
                                           cold_start_ms, stream_delay_ms, stream_split_bytes, embedding_dim,
                                           fail none|http500|worker_error_200|unauthorized|
                                                vllm_context_length|vllm_unknown_model|vllm_bad_parameter|
-                                               vllm_unprocessable|vllm_internal|infinity_error,
+                                               vllm_unprocessable|vllm_internal|vllm_unreachable|
+                                               infinity_error,
                                           stream_error_content_type application/json|text/event-stream
     POST   /_sim/fail-next               {"path_contains": "...", "status": 500, "method"?, "times"?: 1}
                                           the next matching request(s) fail with that status, before auth
@@ -204,7 +205,11 @@ VLLM_ERRORS = {
     "vllm_internal": (500, "InternalServerError",
                       "EngineCore encountered an issue. See stack trace (above) for the root cause."),
 }
-FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized", "infinity_error", *VLLM_ERRORS)
+# worker-vllm's own failure when vLLM does not answer at all (src/handler.py, aiohttp.ClientError).
+VLLM_UNREACHABLE = ("Request to vLLM failed: Cannot connect to host 127.0.0.1:8000 ssl:default "
+                    "[Connect call failed ('127.0.0.1', 8000)]")
+FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized", "infinity_error", "vllm_unreachable",
+              *VLLM_ERRORS)
 STREAM_ERROR_TYPES = ("application/json", "text/event-stream")
 KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
               "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0),
@@ -706,10 +711,13 @@ class Simulator:
         fail = ep.knobs.fail
         if served and model not in served:
             fail = "vllm_unknown_model"  # vLLM's own answer to a model it does not serve
-        if fail in VLLM_ERRORS:
+        if fail in VLLM_ERRORS or fail == "vllm_unreachable":
             ep.failed += 1
-            status, kind, message = VLLM_ERRORS[fail]
-            error = _vllm_error(status, kind, message.replace("{model}", model))
+            if fail == "vllm_unreachable":
+                error = {"error": {"message": VLLM_UNREACHABLE, "type": "worker_error", "code": None}}
+            else:
+                status, kind, message = VLLM_ERRORS[fail]
+                error = _vllm_error(status, kind, message.replace("{model}", model))
             # A streamed request gets the same one object (the handler yields it before any chunk).
             content_type = ep.knobs.stream_error_content_type if body.get("stream") else "application/json"
             return web.Response(status=200, text=json.dumps(error), content_type=content_type)

@@ -122,6 +122,7 @@ end
 local function scrub(message)
   message = message:gsub("https?://[^%s\"\\]*", "(internal address)")
   message = message:gsub("%d+%.%d+%.%d+%.%d+:%d+", "(internal address)")
+  message = message:gsub("%d+%.%d+%.%d+%.%d+", "(internal address)")
   message = message:gsub("localhost:%d+", "(internal address)")
   return (message:gsub("rpa_[%w_%-]+", "(redacted)"))
 end

@@ -62,6 +62,8 @@ VLLM_ERRORS = [
     ("vllm_bad_parameter", 400, "worker_error", "validation error"),
     ("vllm_unprocessable", 422, "worker_error", "could not be compiled"),
     ("vllm_internal", 500, "worker_error", "EngineCore encountered an issue"),
+    # The worker's own failure, naming vLLM's address inside the worker: 502, the address scrubbed.
+    ("vllm_unreachable", 502, "worker_error", "Request to vLLM failed"),
 ]
 
 
@@ -87,6 +89,7 @@ def test_worker_errors_reach_the_sdk_with_their_status_and_detail(
             assert error.status_code == status, (stream, error.response.text)
             assert error.code == code and detail in error.message
             assert not error.message.startswith("vLLM returned")  # vLLM's detail, not the worker's wrapping
+            assert ":8000" not in error.response.text
             assert "127.0.0.1" not in error.response.text and "rpa_" not in error.response.text
         # Content type unpublished: a JSON object under text/event-stream still ends in a clear error.
         knobs(simulator, endpoint, stream_error_content_type="text/event-stream")
