@@ -226,7 +226,7 @@ local function rewrite_stream(handle)
             final = final or closing
             if not closing then event = without(event, key, value_to) end
           end
-          if closing and not asked then event = "" end
+          if closing and not asked then event, changed = "", true end
         end
         out[#out + 1] = event
       end
