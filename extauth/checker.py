@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS
 from extauth import errors, hotstate, ratelimit, routes, upstream
-from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision
+from extauth.decision import ALLOW, BODY_FACT_HEADER, DENY, LOCAL, LOCAL_MODELS_PATH, MODEL_HEADER, Decision
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
@@ -77,23 +77,34 @@ class Checker:
         self._fail_open = redis_failure_mode == "open"
         self._metrics = metrics
 
-    async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+    async def check(self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
-        the body's `model` as envoy/authz_request.lua hands it over."""
+        the body's `model` as envoy/authz_request.lua hands it over. `key_only`: Envoy's pre-check of a
+        large body (envoy.yaml, gateway.key_precheck): route and key, nothing counted or injected."""
         started = time.perf_counter()
         model = headers.get(MODEL_HEADER)
         try:
             decision = await self._check(
-                method, path, headers.get("authorization"), None if model is None else unquote(model), headers.keys()
+                method, path, headers.get("authorization"), None if model is None else unquote(model), headers.keys(),
+                key_only,
             )
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
-        self._metrics.decided(decision.kind, decision.error_code or "ok", time.perf_counter() - started)
+        if model is None and decision.error_code == "missing_model":  # say what is wrong with the body
+            decision = _deny(errors.bad_body(headers.get(BODY_FACT_HEADER)), decision.client_headers, decision.meta)
+        kind = "precheck" if key_only else decision.kind
+        self._metrics.decided(kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision
 
     async def _check(
-        self, method: str, raw_path: str, authorization: str | None, model: str | None, header_names: Iterable[str]
+        self,
+        method: str,
+        raw_path: str,
+        authorization: str | None,
+        model: str | None,
+        header_names: Iterable[str],
+        key_only: bool = False,
     ) -> Decision:
         path = routes.split_path(raw_path)
         meta = {"route": path}
@@ -125,6 +136,8 @@ class Checker:
             return _deny(errors.invalid_api_key(), [], meta)
         meta["workspace_id"] = key.workspace_id
         meta["key_id"] = key.key_id
+        if key_only:
+            return Decision(ALLOW, meta=meta)
 
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace)

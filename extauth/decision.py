@@ -31,6 +31,8 @@ PATH_HEADER = "x-gateway-path"
 # The request body's `model`, lifted by json_to_metadata and handed over, percent-escaped, by
 # envoy/authz_request.lua.
 MODEL_HEADER = "x-gateway-model"
+# Set instead, by the same file, when the body has no string `model`: what is wrong with the body.
+BODY_FACT_HEADER = "x-gateway-body"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

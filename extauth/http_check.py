@@ -7,6 +7,9 @@ It serves exactly three things, to Envoy only:
   `authorization` and `x-gateway-model` are read; the other names become the removal list) and no body.
   Status 200 allows, any other status is the client's answer with this body (Envoy's HTTP ext_authz
   contract); headers map as extauth/decision.py describes.
+- `<method> /precheck/<client path>`: the pre-check of a large body (envoy/envoy.yaml,
+  `gateway.key_precheck`): the route and the key only, before Envoy waits for the body; 200 allows
+  and changes nothing.
 - `GET /_gateway/models/<workspace>[/<model>]`: the `/v1/models` answers, reached only through the
   route ext_authz itself picked for an allowed models request (destination `local`).
 - `GET /health`: 200 while serving, 503 once draining (Envoy's active health check).
@@ -29,6 +32,7 @@ from extauth.state import StateStore
 log = logging.getLogger("extauth")
 
 CHECK_PREFIX = "/check"
+PRECHECK_PREFIX = "/precheck"
 HEALTH_PATH = "/health"
 # Envoy refuses client header blocks over 60 KiB, so a check request is always smaller than this.
 _MAX_HEAD = 96 * 1024
@@ -69,8 +73,8 @@ class CheckService:
         self.serving = True
         self.connections: set[CheckConnection] = set()
 
-    async def check(self, method: str, path: str, headers: dict[str, str]) -> bytes:
-        return render(await self.checker.check(method, path, headers))
+    async def check(self, method: str, path: str, headers: dict[str, str], key_only: bool = False) -> bytes:
+        return render(await self.checker.check(method, path, headers, key_only))
 
     async def models(self, path: str) -> bytes:
         workspace_id, _, model = path[len(LOCAL_MODELS_PATH) :].partition("/")
@@ -153,6 +157,8 @@ class CheckConnection(asyncio.Protocol):
         self._close_after = headers.get("connection", "").lower() == "close"
         if target.startswith(CHECK_PREFIX + "/"):
             self._run(self._service.check(method, target[len(CHECK_PREFIX) :], headers))
+        elif target.startswith(PRECHECK_PREFIX + "/"):
+            self._run(self._service.check(method, target[len(PRECHECK_PREFIX) :], headers, key_only=True))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":
             self._run(self._service.models(target))
         elif target == HEALTH_PATH:
