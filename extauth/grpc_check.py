@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extauth.checker import Checker
 from extauth.decision import ALLOW, META_KEY, Decision
 
+PRECHECK_METADATA = "x-gateway-precheck"
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
@@ -59,7 +60,9 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
 
     async def Check(self, request: authz.CheckRequest, context: grpc.aio.ServicerContext) -> authz.CheckResponse:
         http = request.attributes.request.http
-        return render(await self._checker.check(http.method, http.path, http.headers))
+        # Envoy's pre-check of a large body says so in the call's metadata (README, "The gRPC transport").
+        key_only = any(name == PRECHECK_METADATA for name, _ in context.invocation_metadata() or ())
+        return render(await self._checker.check(http.method, http.path, http.headers, key_only))
 
 
 class GrpcTransport:

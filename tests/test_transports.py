@@ -34,12 +34,12 @@ def test_any_model_string_gets_model_not_found_with_the_name_echoed(
     assert "x-injected" not in {k.lower() for k in reply.headers}
 
 
-def test_a_model_that_is_not_a_string_is_a_missing_model(gateway: Gateway, tenant: Tenant) -> None:
+def test_a_model_that_is_not_a_string_is_refused_as_such(gateway: Gateway, tenant: Tenant) -> None:
     for model in (None, 5, ["x"], {"x": 1}):
         body = {"messages": []} if model is None else {"model": model, "messages": []}
         reply = call("POST", f"{gateway.base_url}/chat/completions", body, key=tenant.api_key)
-        assert reply.status in (400, 404), (model, reply.body)
-        assert reply.json()["error"]["code"] in ("missing_model", "model_not_found")
+        assert reply.status == 400, (model, reply.body)
+        assert reply.json()["error"]["code"] == ("missing_model" if model is None else "invalid_type")
 
 
 def test_forged_transport_headers_change_nothing(gateway: Gateway, simulator: Simulator, tenant: Tenant) -> None:
@@ -90,6 +90,11 @@ def grpc_config(root: Path) -> Path:
     [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
     authz["typed_config"].pop("http_service")
     authz["typed_config"]["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s"}
+    [precheck] = [f for f in hcm["http_filters"] if f["name"] == "gateway.key_precheck"]
+    precheck_authz = precheck["typed_config"]["extension_config"]["typed_config"]
+    precheck_authz.pop("http_service")
+    precheck_authz["grpc_service"] = {"envoy_grpc": {"cluster_name": "extauth"}, "timeout": "1s",
+                                      "initial_metadata": [{"key": "x-gateway-precheck", "value": "1"}]}
     [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "extauth"]
     cluster["health_checks"][0].pop("http_health_check")
     cluster["health_checks"][0]["grpc_health_check"] = {}
@@ -124,6 +129,11 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     assert chunks
     assert sorted(m.id for m in sdk.models.list()) == sorted([t.chat_model, t.embedding_model])
     assert sdk.models.retrieve(t.embedding_model).id == t.embedding_model
+    long = [{"role": "system", "content": "x" * 200_000}, {"role": "user", "content": "long"}]  # pre-checked
+    assert sdk.chat.completions.create(model=t.chat_model, messages=long).choices[0].message.content == "Echo: long"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=grpc_gateway.base_url, api_key="sk-gw-wrong", max_retries=0).chat.completions.create(
+            model=t.chat_model, messages=long)
     with pytest.raises(openai.NotFoundError) as info:
         sdk.chat.completions.create(model="nope\x7f", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found"
