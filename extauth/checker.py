@@ -93,6 +93,9 @@ class Checker:
             decision = _deny(errors.gateway_unavailable(), [], {})
         if model is None and decision.error_code == "missing_model":  # say what is wrong with the body
             decision = _deny(errors.bad_body(headers.get(BODY_FACT_HEADER)), decision.client_headers, decision.meta)
+        elif decision.kind != DENY and not key_only and not upstream.fits_upstream(headers):
+            meta = {k: v for k, v in decision.meta.items() if k != "decision"}
+            decision = _deny(errors.request_headers_too_large(), decision.client_headers, meta)
         kind = "precheck" if key_only else decision.kind
         self._metrics.decided(kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision

@@ -75,6 +75,15 @@ def bad_body(fact: str | None) -> Denial:
     return Denial(400, code, message, param=param)
 
 
+def request_headers_too_large() -> Denial:
+    return Denial(
+        431,
+        "request_headers_too_large",
+        "The request carries too many or too large headers for this gateway: at most 88 headers and "
+        "59 KiB in all.",
+    )
+
+
 def model_not_found(model: str) -> Denial:
     return Denial(
         404,

@@ -9,7 +9,7 @@ x-envoy-* retry or timeout controls, forwarded-for chains) reaches routing or th
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
 
@@ -20,6 +20,21 @@ FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent",
 # is the request's authority (rewritten per cluster). The injected headers are overwritten, never
 # removed: a removal would apply after the overwrite.
 _KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER}
+
+
+# Envoy holds a request's headers to its own limits (envoy.yaml: 100 headers, 60 KiB) also while
+# ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
+# with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
+# answer add: the check request counts Envoy's additions already, the answer adds two headers and
+# at most a few hundred bytes (credential, path).
+MAX_CHECKED_HEADERS = 94
+MAX_CHECKED_HEADER_BYTES = 59 * 1024
+
+
+def fits_upstream(headers: Mapping[str, str]) -> bool:
+    return len(headers) <= MAX_CHECKED_HEADERS and sum(map(len, headers)) + sum(
+        map(len, headers.values())
+    ) <= MAX_CHECKED_HEADER_BYTES
 
 
 def headers_to_remove(client_headers: Iterable[str]) -> list[str]:
