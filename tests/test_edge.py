@@ -229,6 +229,9 @@ def test_a_chat_with_a_10_mb_image_and_2048_embedding_inputs_pass(gateway: Gatew
     inputs = [f"passage {i} " + "word " * 200 for i in range(2048)]  # ~2.1 MB of text
     embedded = client.embeddings.create(model=tenant.embedding_model, input=inputs)
     assert len(embedded.data) == 2048
+    # Refused by the pre-check before the body is read, yet the SDK still reads the 401 (not a reset).
+    with pytest.raises(openai.AuthenticationError):
+        sdk(gateway, "sk-gw-" + "B" * 43).embeddings.create(model=tenant.embedding_model, input=inputs)
 
 
 @pytest.mark.parametrize(
