@@ -295,6 +295,33 @@ def test_a_large_body_to_an_unknown_url_gets_404_at_once(gateway: Gateway, socke
     assert status == 404 and error["code"] == "unknown_url" and took < 2
 
 
+def chunked(path: str, key: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
+
+
+def test_bodies_of_unknown_length_are_checked_and_limited_alike(
+    gateway: Gateway, tenant: Tenant, sockets: list[socket.socket]
+) -> None:
+    sock = socket.create_connection(address(gateway))
+    sockets.append(sock)
+    sock.sendall(chunked("/v1/chat/completions", "sk-gw-" + "C" * 43) + b"10\r\n{\"model\": \"m\", \"x\r\n")
+    answer, took = read_answer(sock, 5)
+    assert status_and_error(answer)[1]["code"] == "invalid_api_key" and took < 2
+    sock = socket.create_connection(address(gateway))
+    sockets.append(sock)
+    sock.sendall(chunked("/v1/embeddings", tenant.api_key))
+    time.sleep(0.3)  # the limit applies from the key check on (before, the listener's 16 MiB bounds it)
+    piece = b"x" * 65536
+    try:
+        for _ in range(EMBEDDINGS_LIMIT // len(piece) + 16):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+    except OSError:
+        pass
+    status, error = status_and_error(read_answer(sock, 5)[0])
+    assert (status, error["code"]) == (413, "request_too_large")
+
+
 @pytest.mark.parametrize(
     ("count", "name_len", "value_len", "allowed"),
     [(81, 8, 8, True), (82, 8, 8, False), (92, 8, 8, False), (200, 8, 8, False), (1, 8, 59_000, True),
