@@ -16,9 +16,10 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
-from tests.conftest import Gateway, Simulator, Tenant
-from tests.support import call
+from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
+from tests.support import call, envoy_copy
 
 # The shipped limits (envoy/envoy.yaml; README, "Operators: limits at the edge").
 HEADERS_TIMEOUT_S = 10
@@ -201,6 +202,51 @@ def test_slow_headers_and_stalled_bodies_are_cut_and_their_memory_freed_but_a_sl
     print(f"envoy RSS: {peak:.0f} MiB under attack, {envoy_rss_mib(gateway):.0f} MiB after; {allocated:.0f} MiB in use")
     assert allocated < 32, memory
     assert envoy_rss_mib(gateway) <= peak + 16
+
+
+SMALL_HEAP_MIB = 128
+
+
+@pytest.fixture(scope="module")
+def small_heap(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator
+) -> Iterator[Gateway]:
+    """An operator's copy with the overload manager's heap cut to SMALL_HEAP_MIB, to reach it quickly."""
+    root = tmp_path_factory.mktemp("small-heap")
+    path = envoy_copy(root)
+    config = yaml.safe_load(path.read_text())
+    [heap] = [m for m in config["overload_manager"]["resource_monitors"] if m["name"].endswith("fixed_heap")]
+    heap["typed_config"]["max_heap_size_bytes"] = SMALL_HEAP_MIB * MIB
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    yield from start_gateway(root, database_url, redis_url, simulator.url, {"GATEWAY_ENVOY_CONFIG": str(path)})
+
+
+def test_at_its_heap_limit_envoy_sheds_new_requests_and_recovers(
+    small_heap: Gateway, simulator: Simulator, sockets: list[socket.socket]
+) -> None:
+    t = make_tenant(small_heap, simulator)  # this stack's own master key seals its RunPod key
+    before = envoy_rss_mib(small_heap)
+    attackers = half_send(small_heap, sockets, t.api_key, count=20)  # ~160 MiB held, over the heap
+    time.sleep(0.5)  # the overload manager looks every 0.25 s
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(small_heap, t.api_key).chat.completions.create(
+            model=t.chat_model, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 503 and info.value.code == "gateway_overloaded"
+    assert info.value.response.headers["retry-after"] == "1"
+    assert isinstance(info.value.body, dict)
+    assert_openai_shape(info.value.body)
+    peak = envoy_rss_mib(small_heap)
+    for sock in attackers:
+        read_answer(sock, IDLE_TIMEOUT_S + 5)
+    time.sleep(0.5)
+    after = envoy_rss_mib(small_heap)
+    allocated = int(call("GET", small_heap.admin + "/memory").json()["allocated"]) / MIB
+    print(f"envoy RSS: {before:.0f} MiB idle, {peak:.0f} MiB at the limit, {after:.0f} MiB after,"
+          f" {allocated:.0f} MiB in use")
+    assert allocated < 32 and after <= peak + 16, (before, peak, after, allocated)
+    reply = sdk(small_heap, t.api_key).chat.completions.create(
+        model=t.chat_model, messages=[{"role": "user", "content": "back"}])
+    assert reply.choices[0].message.content == "Echo: back"
 
 
 def data_url_image(size: int) -> str:
