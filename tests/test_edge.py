@@ -260,6 +260,11 @@ def test_a_chat_with_a_10_mb_image_and_2048_embedding_inputs_pass(gateway: Gatew
         {"type": "image_url", "image_url": {"url": data_url_image(10 * 1000 * 1000)}},
     ]}])
     assert reply.choices[0].message.content == "Echo: describe"
+    # The pre-check's record of the key gives way to the full decision's: the meter bills from this.
+    time.sleep(1.2)  # Envoy flushes the access log every 500 ms
+    [line] = [entry for entry in gateway.access_log() if entry.get("bytes_received", 0) > 10_000_000]
+    assert line["decision"] == "allow" and line["deployment_id"].startswith("dep_")
+    assert line["model"] == tenant.chat_model and isinstance(line["prompt_tokens"], int)
     inputs = [f"passage {i} " + "word " * 200 for i in range(2048)]  # ~2.1 MB of text
     embedded = client.embeddings.create(model=tenant.embedding_model, input=inputs)
     assert len(embedded.data) == 2048
