@@ -129,7 +129,9 @@ class CheckConnection(asyncio.Protocol):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > _MAX_HEAD:
-                self._finish(_plain(431, "request header block too large"), close=True)
+                # Envoy would relay it to the client as the check's answer: in OpenAI's shape.
+                too_large = errors.request_headers_too_large().body()
+                self._finish(_plain(431, too_large, "application/json"), close=True)
             return
         head = self._buffer[:end].decode("latin-1")
         request_line, *header_lines = head.split("\r\n")
