@@ -205,46 +205,92 @@ def test_slow_headers_and_stalled_bodies_are_cut_and_their_memory_freed_but_a_sl
 
 
 SMALL_HEAP_MIB = 128
+FEW_CONNECTIONS = 30
+SHORT_REQUEST_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
-def small_heap(
+def small_edge(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator
 ) -> Iterator[Gateway]:
-    """An operator's copy with the overload manager's heap cut to SMALL_HEAP_MIB, to reach it quickly."""
-    root = tmp_path_factory.mktemp("small-heap")
+    """An operator's copy with the edge's limits cut down so tests reach them quickly: the heap to
+    SMALL_HEAP_MIB, the connections to FEW_CONNECTIONS, the whole-request timeout to
+    SHORT_REQUEST_TIMEOUT_S."""
+    root = tmp_path_factory.mktemp("small-edge")
     path = envoy_copy(root)
     config = yaml.safe_load(path.read_text())
-    [heap] = [m for m in config["overload_manager"]["resource_monitors"] if m["name"].endswith("fixed_heap")]
-    heap["typed_config"]["max_heap_size_bytes"] = SMALL_HEAP_MIB * MIB
+    monitors = {m["name"].rsplit(".", 1)[1]: m["typed_config"] for m in config["overload_manager"]["resource_monitors"]}
+    monitors["fixed_heap"]["max_heap_size_bytes"] = SMALL_HEAP_MIB * MIB
+    monitors["global_downstream_max_connections"]["max_active_downstream_connections"] = FEW_CONNECTIONS
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["request_timeout"] = f"{SHORT_REQUEST_TIMEOUT_S}s"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     yield from start_gateway(root, database_url, redis_url, simulator.url, {"GATEWAY_ENVOY_CONFIG": str(path)})
 
 
+def test_a_trickled_body_is_cut_by_the_request_timeout(small_edge: Gateway, sockets: list[socket.socket]) -> None:
+    sock = socket.create_connection(address(small_edge))
+    sockets.append(sock)
+    sock.sendall(head("/v1/chat/completions", 50_000, "sk-gw-" + "D" * 43))
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < SHORT_REQUEST_TIMEOUT_S + 3:  # never idle long enough to be cut
+            sock.sendall(b"x")
+            time.sleep(0.5)
+    except OSError:
+        pass
+    answer, _ = read_answer(sock, 2)
+    took = time.monotonic() - started
+    status, error = status_and_error(answer)
+    assert (status, error["code"]) == (408, "request_timeout"), answer
+    assert "request_overall_timeout" in error["message"] and took < SHORT_REQUEST_TIMEOUT_S + 2.5
+
+
+def test_connections_past_the_limit_are_closed(small_edge: Gateway) -> None:
+    opened = [socket.create_connection(address(small_edge)) for _ in range(FEW_CONNECTIONS + 5)]
+    try:
+        time.sleep(0.3)
+        closed = 0
+        for sock in opened:
+            sock.settimeout(0.02)
+            try:
+                closed += sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed >= 5, closed
+    finally:
+        for sock in opened:
+            sock.close()
+    time.sleep(0.3)
+    assert call("GET", f"{small_edge.url}/v1/models", key="sk-gw-" + "E" * 43).status == 401  # served again
+
+
 def test_at_its_heap_limit_envoy_sheds_new_requests_and_recovers(
-    small_heap: Gateway, simulator: Simulator, sockets: list[socket.socket]
+    small_edge: Gateway, simulator: Simulator, sockets: list[socket.socket]
 ) -> None:
-    t = make_tenant(small_heap, simulator)  # this stack's own master key seals its RunPod key
-    before = envoy_rss_mib(small_heap)
-    attackers = half_send(small_heap, sockets, t.api_key, count=20)  # ~160 MiB held, over the heap
+    t = make_tenant(small_edge, simulator)  # this stack's own master key seals its RunPod key
+    before = envoy_rss_mib(small_edge)
+    attackers = half_send(small_edge, sockets, t.api_key, count=20)  # ~160 MiB held, over the heap
     time.sleep(0.5)  # the overload manager looks every 0.25 s
     with pytest.raises(openai.APIStatusError) as info:
-        sdk(small_heap, t.api_key).chat.completions.create(
+        sdk(small_edge, t.api_key).chat.completions.create(
             model=t.chat_model, messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 503 and info.value.code == "gateway_overloaded"
     assert info.value.response.headers["retry-after"] == "1"
     assert isinstance(info.value.body, dict)
     assert_openai_shape(info.value.body)
-    peak = envoy_rss_mib(small_heap)
+    peak = envoy_rss_mib(small_edge)
     for sock in attackers:
-        read_answer(sock, IDLE_TIMEOUT_S + 5)
+        read_answer(sock, SHORT_REQUEST_TIMEOUT_S + 5)
     time.sleep(0.5)
-    after = envoy_rss_mib(small_heap)
-    allocated = int(call("GET", small_heap.admin + "/memory").json()["allocated"]) / MIB
+    after = envoy_rss_mib(small_edge)
+    allocated = int(call("GET", small_edge.admin + "/memory").json()["allocated"]) / MIB
     print(f"envoy RSS: {before:.0f} MiB idle, {peak:.0f} MiB at the limit, {after:.0f} MiB after,"
           f" {allocated:.0f} MiB in use")
     assert allocated < 32 and after <= peak + 16, (before, peak, after, allocated)
-    reply = sdk(small_heap, t.api_key).chat.completions.create(
+    reply = sdk(small_edge, t.api_key).chat.completions.create(
         model=t.chat_model, messages=[{"role": "user", "content": "back"}])
     assert reply.choices[0].message.content == "Echo: back"
 
