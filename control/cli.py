@@ -57,7 +57,7 @@ def _usage(ctx: Context, a: argparse.Namespace) -> Any:
     if a.html:
         name = workspaces.resolve(ctx, a.workspace)["name"]
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        a.html.write_text(usage_html.render(result, name, stamp), encoding="utf-8")
+        usage_html.write(a.html, result, name, stamp)
         result["html"] = str(a.html)
     return result
 

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from html import escape
+from pathlib import Path
 from typing import Any
+
+from control.errors import ControlError
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;color:#1d2430;
@@ -349,7 +352,8 @@ def _model_table(p: int, rep: dict[str, Any], group: str, units: list[str]) -> s
 def _generic_table(at: str, rows: list[dict[str, Any]]) -> str:
     """A list of objects the report may grow (Active tier's base fees): money columns formatted as money."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    out = ["<table><tr>" + "".join(f"<th>{escape(c.replace('_', ' '))}</th>" for c in columns) + "</tr>"]
+    heads = "".join(f"<th>{escape(c.removesuffix('_usd').replace('_', ' '))}</th>" for c in columns)
+    out = [f"<table><tr>{heads}</tr>"]
     for i, row in enumerate(rows):
         cells = []
         for c in columns:
@@ -416,7 +420,7 @@ def _period(p: int, rep: dict[str, Any]) -> str:
     units = list(_units(rep))
     parts.append(card("Per model", _model_table(p, rep, "model", units)))
     if rep.get("keys"):
-        parts.append(card("Per API key", _model_table(p, rep, "key_id", [])))
+        parts.append(card("Per API key", _model_table(p, rep, "key_id", units)))
     if rep.get("base_fees"):
         parts.append(card("Active tier base fees (prorated per day)", _generic_table(f"/periods/{p}/base_fees",
                                                                                       rep["base_fees"])))
@@ -425,29 +429,40 @@ def _period(p: int, rep: dict[str, Any]) -> str:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    """The three periods side by side, one row per figure (a row per unit, base fee rows when billed)."""
     reps = result["periods"]
     units = list(dict.fromkeys(u for rep in reps for u in _units(rep)))
     fee = any(Decimal(rep.get("base_fee_usd", 0)) for rep in reps)
-    heads = ["period", "requests", "errors", "input tokens", "output tokens", *map(unit_name, units),
-             "first byte p50 / p95", "whole request p50 / p95", "usage cost", *(["base fee", "total"] if fee else [])]
-    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in heads) + "</tr>"]
-    for p, rep in enumerate(reps):
-        at = f"/periods/{p}"
-        cells = [f'<td><a href="#period-{escape(rep["period"])}">{escape(_month_name(rep))}</a></td>']
-        cells.append(figure(f"{at}/requests", rep["requests"], count(rep["requests"]), "td"))
-        cells.append(figure(f"{at}/errors", sum(rep["errors"].values()), count(sum(rep["errors"].values())), "td"))
-        cells.append(figure(f"{at}/input_tokens", rep["input_tokens"], count(rep["input_tokens"]), "td"))
-        cells.append(figure(f"{at}/output_tokens", rep["output_tokens"], count(rep["output_tokens"]), "td"))
-        for u in units:
-            v = _units(rep).get(u)
-            cells.append("<td>0</td>" if v is None else figure(f"{at}/units/{u}", v, count(v), "td"))
-        for kind in ("ttfb", "duration"):
-            pair = _p50_p95(at, rep["latency_ms"], kind)
-            cells.append(f"<td>{pair} ms</td>" if pair else _NONE)
-        cells.append(figure(f"{at}/cost_usd", rep["cost_usd"], money(rep["cost_usd"]), "td"))
-        if fee:
-            cells += [figure(f"{at}/{key}", rep[key], money(rep[key]), "td") for key in ("base_fee_usd", "total_usd")]
-        out.append("<tr>" + "".join(cells) + "</tr>")
+
+    def counted(key: str) -> Callable[[str, dict[str, Any]], str]:
+        return lambda at, rep: figure(f"{at}/{key}", rep[key], count(rep[key]), "td")
+
+    def unit(u: str) -> Callable[[str, dict[str, Any]], str]:
+        return lambda at, rep: (figure(f"{at}/units/{u}", _units(rep)[u], count(_units(rep)[u]), "td")
+                                if u in _units(rep) else "<td>0</td>")
+
+    def latency(kind: str) -> Callable[[str, dict[str, Any]], str]:
+        return lambda at, rep: f"<td>{pair} ms</td>" if (pair := _p50_p95(at, rep["latency_ms"], kind)) else _NONE
+
+    def dollars(key: str) -> Callable[[str, dict[str, Any]], str]:
+        return lambda at, rep: figure(f"{at}/{key}", rep[key], money(rep[key]), "td")
+
+    rows: list[tuple[str, Callable[[str, dict[str, Any]], str]]] = [
+        ("requests", counted("requests")),
+        ("errors", lambda at, rep: figure(f"{at}/errors", sum(rep["errors"].values()),
+                                          count(sum(rep["errors"].values())), "td")),
+        ("input tokens", counted("input_tokens")), ("output tokens", counted("output_tokens")),
+        *((unit_name(u), unit(u)) for u in units),
+        ("first byte p50 / p95", latency("ttfb")), ("whole request p50 / p95", latency("duration")),
+        ("usage cost", dollars("cost_usd")),
+        *((("Active base fee", dollars("base_fee_usd")), ("total", dollars("total_usd"))) if fee else ()),
+    ]
+    heads = "".join(f'<th><a href="#period-{escape(rep["period"])}">{escape(_month_name(rep))}</a>'
+                    f'{" (current)" if p == 0 else ""}</th>' for p, rep in enumerate(reps))
+    out = [f"<table><tr><th></th>{heads}</tr>"]
+    for name, cell in rows:
+        out.append(f"<tr><td>{escape(name)}</td>" + "".join(cell(f"/periods/{p}", rep) for p, rep in enumerate(reps))
+                   + "</tr>")
     out.append("</table>")
     return card("The three billing periods", "".join(out))
 
@@ -468,3 +483,10 @@ def render(result: dict[str, Any], workspace_name: str | None = None, generated_
         "<footer>Latency counts answered requests (status below 400). Errors are requests answered with a"
         " status of 400 or more, the gateway's refusals included.</footer></main></body></html>\n"
     )
+
+
+def write(path: Path, result: dict[str, Any], workspace_name: str, generated_at: str) -> None:
+    try:
+        path.write_text(render(result, workspace_name, generated_at), encoding="utf-8")
+    except OSError as exc:
+        raise ControlError("html_not_written", f"cannot write the usage page to {path}: {exc.strerror}") from None

@@ -44,6 +44,7 @@ def control_env(database_url: str, redis_url: str, tmp_path_factory: pytest.Temp
             "GATEWAY_MASTER_KEY": Keyring({1: secrets.token_bytes(32)}).dumps()}
 
 
+HOSTILE = '<script>alert("x")</script>'
 # (days after the period's start, hour, key, model, destination, status, input, output, cost, ms, ttfb ms)
 Row = tuple[int, int, str, str, str, int, int, int, str, int | None, int | None]
 CURRENT: list[Row] = [  # the customer's own RunPod: billed $0 here
@@ -53,6 +54,7 @@ CURRENT: list[Row] = [  # the customer's own RunPod: billed $0 here
     (1, 9, "key_b", "acme-chat", "runpod", 429, 0, 0, "0", 1, 1),  # refused by the gateway: not timed
     (2, 7, "key_b", "acme-chat", "runpod", 502, 0, 0, "0", 30000, None),
     (2, 8, "key_a", "acme-chat", "runpod", 200, 60, 1200, "0", 2500, 300),
+    (3, 8, "key_a", HOSTILE, "runpod", 200, 5, 5, "0", None, None),  # a public name chosen by the customer
 ]
 PREVIOUS: list[Row] = [  # the managed destination, priced
     (9, 12, "key_a", "acme-managed", "managed", 200, 1000, 500, "0.0125", 1500, 200),
@@ -187,10 +189,10 @@ def test_page_in_a_browser_shows_the_reports_figures(
         "ttfb_p50": _percentile([r[10] for r in answered if r[10] is not None], 0.5),
         "ttfb_p95": _percentile([r[10] for r in answered if r[10] is not None], 0.95),
     } == {"duration_p50": 400, "duration_p95": 2500, "ttfb_p50": 90, "ttfb_p95": 300}
-    assert [(d["requests"], d["errors"]) for d in current["daily"][:4]] == [(2, 0), (2, 1), (2, 1), (0, 0)]
+    assert [(d["requests"], d["errors"]) for d in current["daily"][:5]] == [(2, 0), (2, 1), (2, 1), (1, 0), (0, 0)]
     assert current["daily"][1]["latency_ms"] == {"duration_p50": 60, "duration_p95": 60, "ttfb_p50": 60,
                                                   "ttfb_p95": 60}  # the 429 is not timed
-    assert current["daily"][3]["latency_ms"]["duration_p50"] is None
+    assert current["daily"][3]["latency_ms"] == dict.fromkeys(current["latency_ms"])  # answered, not timed
     assert current["cost_usd"] == "0.000000" and previous["cost_usd"] == "0.013000"
     assert oldest["requests"] == 0 and oldest["latency_ms"]["ttfb_p95"] is None
 
@@ -198,6 +200,7 @@ def test_page_in_a_browser_shows_the_reports_figures(
     self_contained(html)
     dom = browser_dom(tmp_path, page_file)
     assert "</svg>" in dom and "Usage of " in dom
+    assert "&lt;script&gt;alert" in dom  # the name is shown as text, never run
     parsed = check_page(dom, report)
     fields = {f for f, _, _ in parsed.figures}
 
@@ -256,3 +259,11 @@ def test_units_and_base_fee_render_generically(control_env: dict[str, str], seed
     # The fee alone fills the daily chart of a workspace whose usage is billed $0.
     assert {f"/periods/0/daily/{i}/total_usd" for i in range(len(current["daily"]))} <= fields
     assert (current["period"], "daily-cost") not in parsed.empty
+
+
+def test_an_unwritable_page_path_is_a_clear_error(control_env: dict[str, str], seeded: str, tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "usage.html"
+    done = subprocess.run([sys.executable, "-m", "control.cli", "usage", seeded, "--html", str(target)],
+                          env=control_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "html_not_written" in done.stderr and str(target) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
