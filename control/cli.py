@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, usage, usage_html, workspaces
+from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -21,6 +21,7 @@ from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.plans import PLANS
 from control.settings import ControlSettings
+from control.usage_html import write as write_usage_page
 from extauth.ratelimit import burst
 
 Handler = Callable[[Context, argparse.Namespace], Any]
@@ -57,7 +58,7 @@ def _usage(ctx: Context, a: argparse.Namespace) -> Any:
     if a.html:
         name = workspaces.resolve(ctx, a.workspace)["name"]
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        usage_html.write(a.html, result, name, stamp)
+        write_usage_page(a.html, result, name, stamp)
         result["html"] = str(a.html)
     return result
 

@@ -1,7 +1,6 @@
 """`gatewayctl usage`: what a workspace used and spent in the current billing period (the calendar
 month, UTC) and the two before it: a daily cost chart (an SVG file, and a compact terminal view), the
-token breakdown, cost per model, error counts, and the same per key; requests, errors and latency per
-day and per period for the HTML page (control/usage_html.py)."""
+token breakdown, cost per model, error counts, and the same per key."""
 
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ from control.money import usd
 from control.spend import billing_month
 
 PERIODS = 3
+_BARS = " ▁▂▃▄▅▆▇█"
+# Requests, errors and latency per day and per period (the HTML page, control/usage_html.py, draws them).
 # Latency is that of answered requests (status < 400): a refusal answered by the gateway in a
 # millisecond says nothing about how fast the models serve. percentile_disc: a duration that occurred.
 _ACTIVITY = (
@@ -27,7 +28,12 @@ _ACTIVITY = (
         for column in ("duration_ms", "ttfb_ms") for q in (0.5, 0.95)
     )
 )
-_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _latency(values: Sequence[int | None]) -> dict[str, int | None]:
+    """p50/p95 of the whole request (duration) and of its first byte (ttfb), in ms; None: none answered."""
+    duration_p50, duration_p95, ttfb_p50, ttfb_p95 = values
+    return {"duration_p50": duration_p50, "duration_p95": duration_p95, "ttfb_p50": ttfb_p50, "ttfb_p95": ttfb_p95}
 
 
 def periods(now: datetime) -> list[tuple[datetime, datetime]]:
@@ -112,12 +118,6 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
         "keys": grouped("key_id"),
         "latency_ms": _latency(period_activity[2:]),
     }
-
-
-def _latency(values: Sequence[int | None]) -> dict[str, int | None]:
-    """p50/p95 of the whole request (duration) and of its first byte (ttfb), in ms; None: none answered."""
-    duration_p50, duration_p95, ttfb_p50, ttfb_p95 = values
-    return {"duration_p50": duration_p50, "duration_p95": duration_p95, "ttfb_p50": ttfb_p50, "ttfb_p95": ttfb_p95}
 
 
 def report(ctx: Context, ws_ref: str, chart_dir: Path, now: datetime | None = None) -> dict[str, Any]:
