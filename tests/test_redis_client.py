@@ -56,7 +56,7 @@ def test_a_flushed_script_is_loaded_again(redis_port: int) -> None:
         client = ScriptClient(f"redis://127.0.0.1:{redis_port}/0", SCRIPT, 1.0)
         try:
             await client.decide(["a"], [1])
-            await client._call(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
+            await client._single.call(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
             return await client.decide(["a"], [5])
         finally:
             await client.close()
