@@ -10,11 +10,14 @@ reconnects. URL forms: control/redisconn.py.
 Against a Redis Cluster each call goes to the master of its keys' slot (all of one check's keys share
 it), on that master's one pipelined connection, so steady state stays one round trip. The slot map comes
 from CLUSTER SLOTS, asked of any known node. A MOVED reply (resharding done, failover) points the slot at
-the new master, resends there, and refreshes the whole map in the background; ASK (a slot being migrated,
-these keys already moved) resends once to the target after ASKING; TRYAGAIN (keys split mid-migration)
-resends after a pause. None of these ran the script, so resending never takes twice. A lost connection
-or CLUSTERDOWN fails the call (RATELIMIT_FAILURE_MODE decides) and refreshes the map, so the checks
-after a master's death reach its promoted replica.
+the new master, resends there, and refreshes the whole map in the background; ASK (the slot is being
+migrated and a key is not on the source) resends to the target after ASKING. While a slot migrates, a
+check whose keys are not all on one side (a check always names its spend keys, which most workspaces never
+create) is answered TRYAGAIN: it is resent every few milliseconds until EXTAUTH_REDIS_TIMEOUT_MS, then
+fails like any Redis outage (RATELIMIT_FAILURE_MODE); a reshard that moves a slot within that time costs
+its workspaces latency only. None of these replies ran the script, so resending never takes twice. A lost
+connection or CLUSTERDOWN fails the call (RATELIMIT_FAILURE_MODE decides) and refreshes the map, so the
+checks after a master's death reach its promoted replica.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from redis.crc import key_slot
 from control.redisconn import RedisTarget, parse
 
 SLOTS = 16384
-# A call follows at most this many redirections (MOVED, ASK, TRYAGAIN) before it gives up.
-_MAX_REDIRECTS = 5
+# A call follows at most this many MOVED redirections before it gives up (a map changing under it).
+_MAX_MOVED = 5
 _TRYAGAIN_PAUSE_S = 0.005
 
 
@@ -109,8 +112,9 @@ class _Node:
         conn = self._conn if self._conn is not None else await self._connect()
         results: tuple[Any, ...] = await asyncio.gather(self._enqueue(conn, _ASKING), self._enqueue(conn, command),
                                                   return_exceptions=True)
+        # A reply error (hiredis.ReplyError) is a reply; only a failed call is raised.
         for result in results:
-            if isinstance(result, BaseException):
+            if isinstance(result, BaseException) and not isinstance(result, hiredis.ReplyError):
                 raise result
         return results[1]
 
@@ -291,7 +295,9 @@ class ScriptClient:
             if node is None:
                 raise RedisUnavailable("no Redis Cluster master serves this slot")
         asking: _Node | None = None
-        for _ in range(_MAX_REDIRECTS):
+        moved = 0
+        give_up = time.monotonic() + self._timeout_s
+        while True:
             try:
                 reply = await asking.call_asking(command) if asking is not None else await node.call(command)
             except RedisUnavailable:
@@ -307,19 +313,23 @@ class ScriptClient:
                 target = self._node(host or node.host, port)
                 if kind == "ASK":
                     asking = target
-                else:
-                    self._slots[slot] = node = target
-                    self._remap()
+                    continue
+                moved += 1
+                if moved > _MAX_MOVED:
+                    raise RedisUnavailable("Redis Cluster redirected the call too many times")
+                self._slots[slot] = node = target
+                self._remap()
                 continue
             message = str(reply)
             if message.startswith("TRYAGAIN"):
+                if time.monotonic() + _TRYAGAIN_PAUSE_S > give_up:
+                    raise RedisUnavailable("Redis Cluster is migrating this slot", timeout=True)
                 await asyncio.sleep(_TRYAGAIN_PAUSE_S)
                 continue
             if message.startswith(("CLUSTERDOWN", "MASTERDOWN")):
                 self._remap()
                 raise RedisUnavailable(f"Redis Cluster unavailable: {message[:100]}")
             return reply
-        raise RedisUnavailable("Redis Cluster redirected the call too many times")
 
     def _remap(self) -> asyncio.Future[None]:
         """The slot map's refresh under way, or a new one: one at a time, however many calls ask."""

