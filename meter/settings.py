@@ -2,6 +2,8 @@
 
 - DATABASE_URL (required)
 - GATEWAY_ACCESS_LOG: the log to follow, default `$GATEWAY_STATE_DIR/access.log` (state dir `.gateway`)
+- METER_LOG_NAME: the name its read position is stored under in PostgreSQL, default the log's absolute
+  path. Nodes whose logs share one path (Kubernetes pods) each need their own: the pod's name
 - METER_BATCH_LINES: most lines recorded per transaction, default 5000 (a batch also stops at about
   8 MiB). Each row costs the database far more than the batch does, but a catching-up meter with
   small batches pays the per-batch round trips many times over: 500 ran at two thirds the speed.
@@ -26,6 +28,12 @@ class MeterSettings:
     poll_seconds: float
     metrics_listen: HostPort | None
     redis_url: str | None = None
+    log_name: str = ""  # empty: the access log's path
+
+    @property
+    def position_key(self) -> str:
+        """What the log's read position is stored under."""
+        return self.log_name or str(self.access_log)
 
     @classmethod
     def from_env(cls) -> MeterSettings:
@@ -34,10 +42,12 @@ class MeterSettings:
             raise SettingsError("DATABASE_URL is required")
         state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
         metrics_listen = env_opt("METER_METRICS_LISTEN")
+        # Absolute, because the path is the default key of the stored read position.
+        access_log = Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))).absolute()
         return cls(
             database_url=database_url,
-            # Absolute, because the path is the key of the stored read position.
-            access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))).absolute(),
+            access_log=access_log,
+            log_name=env_str("METER_LOG_NAME", ""),
             batch_lines=env_int("METER_BATCH_LINES", 5000, minimum=1),
             poll_seconds=env_int("METER_POLL_MS", 200, minimum=1) / 1000,
             metrics_listen=HostPort.parse(metrics_listen, "METER_METRICS_LISTEN") if metrics_listen else None,

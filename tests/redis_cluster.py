@@ -53,6 +53,10 @@ class RedisClusterServers:
     def nodes(self) -> list[ClusterNode]:
         return [*self.masters, *self.replicas]
 
+    @property
+    def live(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
     def _start_node(self) -> ClusterNode:
         # A port free a moment ago may be taken by another test's server by now: try another.
         for _attempt in range(3):
@@ -117,9 +121,10 @@ class RedisClusterServers:
         self.masters[self.masters.index(old)], self.replicas[self.replicas.index(replica)] = replica, old
 
     def master_of(self, slot: int) -> ClusterNode:
-        for start, end, master, *_ in self.masters[0].client.execute_command("CLUSTER", "SLOTS"):
+        """The slot's master as a live node sees it."""
+        for start, end, master, *_ in self.live[0].client.execute_command("CLUSTER", "SLOTS"):
             if start <= slot <= end:
-                return next(m for m in self.masters if m.port == int(master[1]))
+                return next(m for m in self.nodes if m.port == int(master[1]))
         raise AssertionError(f"no master serves slot {slot}")
 
     def begin_migration(self, slot: int, target: ClusterNode) -> ClusterNode:
