@@ -3,7 +3,7 @@ DECIDE_SCRIPT (steady state: views current, the bucket taken) against one Redis 
 Cluster of three masters (tests/redis_cluster.py), on uvloop as ext_authz runs it, with CHECKS_IN_FLIGHT
 checks in flight. For comparison, redis-py's asyncio RedisCluster (the well-kept library) on the same
 cluster. Also what one check costs Redis: commands run (the script's own calls included), and bytes in
-and out (INFO stats), for the README's sizing.
+and out (INFO stats), and Redis's time in the script (commandstats), for the README's sizing.
 
 `python -m bench.clusterbench DIR [CHECKS]` (servers under DIR) prints one JSON line; bench/run.py reads it.
 """
@@ -66,17 +66,18 @@ async def _drive(decide: Callable[[tuple[str, ...], list[Any]], Awaitable[Any]],
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def _redis_totals(clients: list[redis.Redis]) -> tuple[int, int, int]:
-    """(commands, bytes in, bytes out) summed over the servers."""
-    calls = inbound = outbound = 0
+def _redis_totals(clients: list[redis.Redis]) -> tuple[int, int, int, int]:
+    """(commands, bytes in, bytes out, microseconds in the script) summed over the servers."""
+    calls = inbound = outbound = usec = 0
     for client in clients:
         stats = client.info("commandstats")
+        usec += int(stats.get("cmdstat_evalsha", {}).get("usec", 0))
         calls += sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k not in (
             "cmdstat_info", "cmdstat_cluster", "cmdstat_config"))
         net = client.info("stats")
         inbound += int(net["total_net_input_bytes"])
         outbound += int(net["total_net_output_bytes"])
-    return calls, inbound, outbound
+    return calls, inbound, outbound, usec
 
 
 def _ours(url: str, checks: int, warmed: Callable[[], None] = lambda: None) -> tuple[float, float]:
@@ -127,10 +128,10 @@ def measure(workdir: Path, checks: int) -> dict[str, Any]:
 
             _ours(f"redis://127.0.0.1:{port}/0", 1000)  # warm: script loaded, keys created
             cpu, wall = _ours(f"redis://127.0.0.1:{port}/0", checks, reset)
-            calls, inbound, outbound = _redis_totals([single])
+            calls, inbound, outbound, usec = _redis_totals([single])
             out["single"] = {"cpu_us": cpu / checks * 1e6, "checks_per_s": checks / wall}
             out["redis_per_check"] = {"commands": calls / checks, "bytes_in": inbound / checks,
-                                      "bytes_out": outbound / checks}
+                                      "bytes_out": outbound / checks, "script_us": usec / checks}
         cluster = RedisClusterServers(root / "cluster")
         (root / "cluster").mkdir()
         try:

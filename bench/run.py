@@ -458,6 +458,7 @@ def _client_rows(client: dict[str, Any]) -> list[Row]:
         Row("redis_py_cluster_us", "redis-py asyncio RedisCluster CPU per check", client["redis_py_cluster"]["cpu_us"],
             "us"),
         Row("redis_commands_per_check", "Redis commands per check (script's own included)", per_check["commands"], ""),
+        Row("redis_script_us", "Redis time per check (in the script)", per_check["script_us"], "us"),
         Row("redis_bytes_per_check", "Redis bytes per check (in + out)", per_check["bytes_in"] + per_check["bytes_out"],
             "bytes"),
     ]
