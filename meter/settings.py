@@ -9,7 +9,8 @@
   small batches pays the per-batch round trips many times over: 500 ran at two thirds the speed.
 - METER_POLL_MS: wait for new lines once the log is consumed, default 200
 - METER_METRICS_LISTEN: HOST:PORT of the Prometheus endpoint; none if unset
-- REDIS_URL: where spend reservations are settled (see meter.spend_settle); not settled if unset
+- REDIS_URL: where spend reservations are settled (see meter.spend_settle); not settled if unset. One
+  Redis or a Redis Cluster (redis+cluster://host:port[,host:port...]; control/redisconn.py)
 """
 
 from __future__ import annotations
