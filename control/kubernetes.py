@@ -9,7 +9,8 @@ What it holds, following Envoy-based gateways' conventions:
 - ConfigMap `envoy-config`: the files of envoy/ as they are (envoy.yaml and its Lua). In the pod they sit
   where compose puts them (/srv/gateway/envoy), so the config's relative Lua paths resolve the same.
 - Deployment `gateway`: Envoy, and beside it the meter (a sidecar) reading Envoy's access log from the
-  pod's shared `access-log` volume; each pod is one gateway node. Envoy's admin stays on the pod's
+  pod's shared `access-log` volume, and `log-rotate` (meter/rotate.py) keeping that volume bounded; each
+  pod is one gateway node. Envoy's admin stays on the pod's
   loopback (its readiness probe asks it from inside); Prometheus scrapes the `stats` listener (9902).
   Service `gateway` (LoadBalancer, client addresses kept: envoy.yaml uses the remote address).
 - Deployment `extauth` (ext_authz replicas) and its headless Service `extauth`: Envoy's `extauth` and
@@ -44,6 +45,9 @@ GATEWAY_PORT, STATS_PORT, ENVOY_ADMIN_PORT = 8080, 9902, 9901
 # ext_authz's check and admin ports: the `extauth` and `extauth_admin` clusters of envoy.yaml.
 EXTAUTH_PORT, EXTAUTH_ADMIN_PORT = 9001, 9464
 METER_METRICS_PORT = 9470
+# The log volume holds the log and one rotated file at most: twice this, with room to spare.
+ROTATE_BYTES = 256 * 1024 * 1024
+LOG_VOLUME = "2Gi"
 ENVOY_UID = 101  # the official image's `envoy` user
 GATEWAY_UID = 10001  # the Dockerfile's `gateway` user
 
@@ -211,6 +215,16 @@ def gateway(namespace: str, image: str, replicas: int) -> list[dict[str, Any]]:
         "volumeMounts": [{"name": "access-log", "mountPath": ACCESS_LOG_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],
     }
+    # Rename rotation of the log volume (meter/rotate.py): the meter's lag says when the old file is read.
+    rotate = {
+        **_gateway_image_container("log-rotate", image, ["python", "-m", "meter.rotate"]),
+        "env": _env({"GATEWAY_ACCESS_LOG": f"{ACCESS_LOG_DIR}/access.log",
+                     "METER_ROTATE_BYTES": str(ROTATE_BYTES),
+                     "METER_METRICS_URL": f"http://127.0.0.1:{METER_METRICS_PORT}/metrics",
+                     "ENVOY_ADMIN_URL": f"http://127.0.0.1:{ENVOY_ADMIN_PORT}"}),
+        "resources": _resources("10m", "32Mi", "128Mi"),
+        "volumeMounts": [{"name": "access-log", "mountPath": ACCESS_LOG_DIR}],
+    }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("gateway", namespace, "gateway"),
         "spec": {"replicas": replicas, "selector": _selector("gateway"),
@@ -225,9 +239,9 @@ def gateway(namespace: str, image: str, replicas: int) -> list[dict[str, Any]]:
                               # fsGroup: Envoy (uid 101) writes the log volume the meter (uid 10001) reads.
                               "securityContext": {"runAsNonRoot": True, "fsGroup": GATEWAY_UID,
                                                   "seccompProfile": {"type": "RuntimeDefault"}},
-                              "containers": [envoy, meter],
+                              "containers": [envoy, meter, rotate],
                               "volumes": [{"name": "envoy-config", "configMap": {"name": "envoy-config"}},
-                                          {"name": "access-log", "emptyDir": {"sizeLimit": "2Gi"}},
+                                          {"name": "access-log", "emptyDir": {"sizeLimit": LOG_VOLUME}},
                                           {"name": "tmp", "emptyDir": {}}]}}},
     }
     service = {

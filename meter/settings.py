@@ -54,3 +54,32 @@ class MeterSettings:
             metrics_listen=HostPort.parse(metrics_listen, "METER_METRICS_LISTEN") if metrics_listen else None,
             redis_url=env_opt("REDIS_URL"),
         )
+
+
+@dataclass(frozen=True)
+class RotateSettings:
+    """`python -m meter.rotate` (meter/rotate.py), from the environment:
+
+    - GATEWAY_ACCESS_LOG: the log, as for the meter
+    - METER_ROTATE_BYTES: rotate the log once it is past this size, default 268435456 (256 MiB)
+    - METER_ROTATE_CHECK_S: how often to look, default 10
+    - METER_METRICS_URL: the meter's /metrics, default http://127.0.0.1:9470/metrics
+    - ENVOY_ADMIN_URL: Envoy's admin, default http://127.0.0.1:9901 (both on the pod's loopback)
+    """
+
+    access_log: Path
+    rotate_bytes: int
+    check_s: float
+    meter_metrics_url: str
+    envoy_admin_url: str
+
+    @classmethod
+    def from_env(cls) -> RotateSettings:
+        state_dir = Path(env_str("GATEWAY_STATE_DIR", ".gateway"))
+        return cls(
+            access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))).absolute(),
+            rotate_bytes=env_int("METER_ROTATE_BYTES", 256 * 1024 * 1024, minimum=1),
+            check_s=env_int("METER_ROTATE_CHECK_S", 10, minimum=1),
+            meter_metrics_url=env_str("METER_METRICS_URL", "http://127.0.0.1:9470/metrics"),
+            envoy_admin_url=env_str("ENVOY_ADMIN_URL", "http://127.0.0.1:9901"),
+        )

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -321,3 +322,33 @@ def test_a_dead_master_fails_closed_until_its_replica_takes_over(
         wait_until(lambda gw=gw: asyncio.run(_chat(gw, t.api_key, t.chat_model)) == 200, 10,  # type: ignore[misc]
                    "recovery on the promoted replica, without a restart")
 
+
+
+def test_the_rotation_sidecar_keeps_the_log_bounded_and_loses_no_request(
+    node_b: Gateway, gateway: Gateway, simulator: Simulator
+) -> None:
+    from control.settings import read_runtime
+    from meter.rotate import rotate_once
+    from meter.settings import RotateSettings
+
+    t = make_tenant(gateway, simulator, plan="team")
+    metrics_url = read_runtime(node_b.state_dir)["meter_metrics_url"]
+    rotation = RotateSettings(node_b.state_dir / "access.log", 1, 1, metrics_url, node_b.admin)
+    rotated = Path(str(rotation.access_log) + ".1")
+
+    def recorded() -> int:
+        with gateway.context() as ctx:
+            row = ctx.db.execute("SELECT count(*) FROM usage_events WHERE workspace_id = %s",
+                                 (t.workspace_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    assert burst([node_b], t.api_key, t.chat_model, 5)[0] == [200] * 5
+    wait_until(lambda: recorded() == 5, 15, "the first requests metered")
+    assert rotate_once(rotation) == ["rotated"] and rotated.exists()
+    assert burst([node_b], t.api_key, t.chat_model, 5)[0] == [200] * 5  # into the reopened log
+    wait_until(lambda: rotation.access_log.exists() and recorded() == 10, 15, "the requests after it metered")
+    first = rotated.stat().st_ino
+    wait_until(lambda: "deleted" in rotate_once(rotation), 15, "the read file deleted once the meter caught up")
+    assert not rotated.exists() or rotated.stat().st_ino != first
+    time.sleep(1)
+    assert recorded() == 10  # nothing lost, nothing counted twice

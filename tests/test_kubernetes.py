@@ -101,6 +101,12 @@ def test_the_meter_is_a_sidecar_on_the_shared_log_under_its_own_position(docs: l
     env = {e["name"]: e.get("value") for e in meter["env"]}
     assert env["GATEWAY_ACCESS_LOG"] == f"{kubernetes.ACCESS_LOG_DIR}/access.log"
     assert env["METER_LOG_NAME"].startswith("$(POD_NAME)")  # pods share the path, not the read position
+    rotate = next(c for c in spec["containers"] if c["name"] == "log-rotate")
+    rotate_env = {e["name"]: e["value"] for e in rotate["env"]}
+    assert rotate_env["GATEWAY_ACCESS_LOG"] == env["GATEWAY_ACCESS_LOG"]
+    # The log and one rotated file fit the volume.
+    volume = next(v for v in spec["volumes"] if v["name"] == "access-log")
+    assert volume["emptyDir"]["sizeLimit"] == "2Gi" and 2 * int(rotate_env["METER_ROTATE_BYTES"]) < 2 * 1024**3
 
 
 def test_secrets_come_from_secrets_and_every_reference_resolves(docs: list[dict[str, Any]]) -> None:
@@ -129,7 +135,7 @@ def test_probes_resources_disruption_budgets_and_autoscalers(docs: list[dict[str
     for name, spec in pod_specs(docs).items():
         for container in spec["containers"]:
             assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
-            if name != "gateway-migrate":
+            if name != "gateway-migrate" and container["name"] != "log-rotate":
                 assert "livenessProbe" in container
     for name in ("extauth", "gateway"):
         assert "readinessProbe" in pod_specs(docs)[name]["containers"][0]
