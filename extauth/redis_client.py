@@ -277,6 +277,8 @@ class ScriptClient:
         return reply
 
     async def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.cancel()
         for node in self._nodes.values():
             node.close()
 

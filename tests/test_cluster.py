@@ -53,9 +53,11 @@ def node_b(
     tmp_path_factory: pytest.TempPathFactory, gateway: Gateway, cluster: RedisClusterServers, simulator: Simulator
 ) -> Iterator[Gateway]:
     """A second complete node on the same cluster and database (its own Envoy, ext_authz and meter), with
-    the fleet's one master keyring (a node with another could not open the stored RunPod keys)."""
+    the fleet's one master keyring (a node with another could not open the stored RunPod keys) and the
+    platform's one managed key."""
     yield from start_gateway(tmp_path_factory.mktemp("gw-b"), gateway.env["DATABASE_URL"], cluster.url, simulator.url,
-                             {"GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key")})
+                             {"GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key"),
+                              "GATEWAY_MANAGED_API_KEY": gateway.env["GATEWAY_MANAGED_API_KEY"]})
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +354,28 @@ def test_the_rotation_sidecar_keeps_the_log_bounded_and_loses_no_request(
     assert not rotated.exists() or rotated.stat().st_ino != first
     time.sleep(1)
     assert recorded() == 10  # nothing lost, nothing counted twice
+
+
+def test_spend_reservations_hold_across_both_nodes_on_the_cluster(
+    gateway: Gateway, node_b: Gateway, simulator: Simulator, cluster: RedisClusterServers
+) -> None:
+    from decimal import Decimal
+
+    from tests.test_spend import COST, LIMIT, _one, make_spender, stream_delay, wait_recorded
+
+    s = make_spender(gateway, simulator)
+    stream_delay(simulator, s.endpoint_id, 60)  # ~1 s streams: all 30 overlap, half on each node
+
+    async def run() -> list[str]:
+        return list(await asyncio.gather(*(_one((gateway, node_b)[i % 2].base_url, s.keys[i % 3], s.model, True)
+                                           for i in range(30))))
+
+    outcomes = asyncio.run(run())
+    admitted = outcomes.count("ok")
+    assert 1 <= admitted <= 5 and set(outcomes) == {"ok", "plan_limit_exceeded"}, outcomes
+    spent = wait_recorded(gateway, s.workspace_id, admitted)
+    assert spent == Decimal(str(COST)) * admitted <= LIMIT
+    spend_key = hotstate.spend_redis_keys(s.workspace_id)[0]
+    owner = cluster.master_of(workspace_slot(s.workspace_id))
+    wait_until(lambda: int(owner.client.hget(spend_key, "r") or 0) == 0, 10, "both meters settled on the cluster")
+    assert int(owner.client.hget(spend_key, "p") or 0) == hotstate.uusd(spent)  # counted once
