@@ -4,6 +4,7 @@ together the way envoy/envoy.yaml and the services expect."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,18 @@ def test_without_secrets_the_render_leaves_the_operators_own_alone(tmp_path: Pat
     assert not [d for d in kubernetes.render() if d["kind"] == "Secret"]
     with pytest.raises(SystemExit, match="missing"):
         kubernetes.render(secrets_dir=tmp_path)
+
+
+def test_the_gateway_images_containers_run_what_the_package_has(docs: list[dict[str, Any]]) -> None:
+    import importlib.util
+    import shutil
+
+    for spec in pod_specs(docs).values():
+        for container in spec["containers"]:
+            command = container["command"]
+            if container["image"] == kubernetes.ENVOY_IMAGE:
+                continue
+            if command[:2] == ["python", "-m"]:
+                assert importlib.util.find_spec(command[2]) is not None, command
+            else:
+                assert shutil.which(command[0], path=str(Path(sys.executable).parent)), command
