@@ -27,9 +27,14 @@ class SpendSettlement:
         managed = [(r.workspace_id, r.request_id) for r in records if r.destination == "managed" and r.workspace_id]
         if not managed:
             return
-        try:
-            self._settler.settle(db, managed)
-        except redisconn.ERRORS as err:
-            # Metering goes on: the reservations expire on their own, and the spend is raised by the
-            # workspace's next settled batch (or rebuilt from PostgreSQL if Redis lost it).
-            log.warning("could not settle the spend reservations of this batch: %s", err)
+        # Twice at most: after a Redis Cluster failover the first call fails while redis-py relearns the
+        # slot map, and a settle is safe to repeat.
+        for attempt in range(2):
+            try:
+                self._settler.settle(db, managed)
+                return
+            except redisconn.ERRORS as err:
+                if attempt:
+                    # Metering goes on: the reservations expire on their own, and the spend is raised by
+                    # the workspace's next settled batch (or rebuilt from PostgreSQL if Redis lost it).
+                    log.warning("could not settle the spend reservations of this batch: %s", err)
