@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import envoys, meterbench, ttft, wrk
+from bench import clusterbench, envoys, meterbench, ttft, wrk
 from bench.openloop import Spec
 from bench.procs import Child, HarnessError, Processes, cpu_seconds, rss_bytes, tail, wait_for_port
 from bench.report import Row, table, write_json
@@ -48,6 +48,8 @@ MAX_TTFT_ADDED_MS = 2.0
 MIN_METER_LINES_PER_S = 20000.0
 MAX_METER_CATCHUP_S = 2.0
 MAX_RSS_GROWTH = 0.10
+# The cluster-aware client may cost a little more than the one-server one (a slot per key, cached), never much.
+MAX_CLUSTER_CLIENT_RATIO = 1.5
 
 
 def say(message: str) -> None:
@@ -68,6 +70,7 @@ class Config:
     ttft_samples: int
     stream_delay_ms: int
     meter_lines: int
+    client_checks: int
 
     @classmethod
     def from_env(cls, quick: bool) -> Config:
@@ -96,6 +99,7 @@ class Config:
             ttft_samples=int(number("BENCH_TTFT_SAMPLES", 50, 5)),
             stream_delay_ms=int(number("BENCH_STREAM_DELAY_MS", 10, 10)),
             meter_lines=int(number("BENCH_METER_LINES", 200_000, 20_000)),
+            client_checks=int(number("BENCH_CLIENT_CHECKS", 50_000, 5_000)),
         )
 
 
@@ -133,6 +137,13 @@ class Bench:
         if result.lines != self.cfg.meter_lines:
             raise HarnessError(f"the meter consumed {result.lines} of {self.cfg.meter_lines} lines")
         self.details["meter_throughput"] = {**asdict(result), "log_bytes": size, "lines_per_s": result.lines_per_s}
+        return result
+
+    def client_cost(self) -> dict[str, Any]:
+        output = self.procs.run("redis-client", [sys.executable, "-m", "bench.clusterbench", str(self.tmp),
+                                                 str(self.cfg.client_checks)], base_env(), timeout_s=300)
+        result = clusterbench.parse_run(output)
+        self.details["redis_client"] = result
         return result
 
     def check_reply(self, port: int, api_key: str) -> None:
@@ -234,6 +245,9 @@ class Bench:
         say(f"meter throughput on {cfg.meter_lines:,} pre-written access-log lines")
         meter_run = self.meter_throughput()
 
+        say(f"hot-path Redis client, {cfg.client_checks:,} checks on one Redis and on a 3-master cluster")
+        client = self.client_cost()
+
         say("starting the gateway (gatewayctl up) and provisioning a tenant")
         upstream_port, bare_port = free_port(), free_port()
         self.upstream_port = upstream_port
@@ -304,7 +318,7 @@ class Bench:
         # Side by side: the gRPC transport's rows right after the (shipped) HTTP gateway's.
         after = next(i for i, row in enumerate(rows) if row.key == "envoy_cpu_us") + 1
         rows[after:after] = self._grpc_rows(grpc_wrk, grpc_cpu, ceilings, ol_bare, ol_grpc)
-        return rows
+        return rows + _client_rows(client)
 
     def grpc_gateway(
         self, inference_url: str, upstream: Child
@@ -432,6 +446,22 @@ class Bench:
             Row("extauth_rss_growth_pct", "ext_authz RSS growth over soak", growth * 100, "%",
                 f"within {MAX_RSS_GROWTH * 100:g}%", abs(growth) <= MAX_RSS_GROWTH),
         ]
+
+
+def _client_rows(client: dict[str, Any]) -> list[Row]:
+    single, cluster = client["single"]["cpu_us"], client["cluster"]["cpu_us"]
+    per_check = client["redis_per_check"]
+    return [
+        Row("redis_client_single_us", "Redis client CPU per check, one Redis", single, "us"),
+        Row("redis_client_cluster_us", "Redis client CPU per check, 3-master cluster", cluster, "us",
+            f"<= {MAX_CLUSTER_CLIENT_RATIO:g}x one Redis", cluster <= MAX_CLUSTER_CLIENT_RATIO * single),
+        Row("redis_py_cluster_us", "redis-py asyncio RedisCluster CPU per check", client["redis_py_cluster"]["cpu_us"],
+            "us"),
+        Row("redis_commands_per_check", "Redis commands per check (script's own included)", per_check["commands"], ""),
+        Row("redis_script_us", "Redis time per check (in the script)", per_check["script_us"], "us"),
+        Row("redis_bytes_per_check", "Redis bytes per check (in + out)", per_check["bytes_in"] + per_check["bytes_out"],
+            "bytes"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-import redis
 
 from control.crypto import Keyring, load_keyring
 from control.errors import ControlError
+from control.redisconn import SyncRedis
+from control.redisconn import client as redis_client
 from control.runpod_client import RunPodClient
 from control.settings import ControlSettings
 
@@ -22,7 +23,7 @@ DB = psycopg.Connection[tuple[Any, ...]]
 class Context:
     settings: ControlSettings
     db: DB
-    redis: redis.Redis
+    redis: SyncRedis
     keyring: Keyring
 
     def runpod(self, api_key: str) -> RunPodClient:
@@ -41,7 +42,7 @@ def open_context(settings: ControlSettings) -> Iterator[Context]:
         db = psycopg.connect(settings.database_url, autocommit=True)
     except psycopg.OperationalError:
         raise ControlError("database_unreachable", "the database could not be reached") from None
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = redis_client(settings.redis_url)
     try:
         yield Context(settings, db, client, keyring)
     finally:

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
+from control import redisconn
 from control.context import DB, Context
 from control.plans import effective_limits
+from control.redisconn import SyncRedis
 from extauth import hotstate
 
 
@@ -60,11 +60,11 @@ def _bump(db: DB, change: Change) -> list[tuple[str, list[Any]]]:
     return puts
 
 
-def publish(client: redis.Redis, puts: list[tuple[str, list[Any]]]) -> None:
+def publish(client: SyncRedis, puts: list[tuple[str, list[Any]]]) -> None:
     try:
         for redis_key, fields in puts:
             client.eval(hotstate.PUT_SCRIPT, 1, redis_key, *fields)
-    except redis.RedisError:
+    except redisconn.ERRORS:
         print(
             f"warning: Redis could not be updated; the change applies within {hotstate.HOTSTATE_TTL_S} s",
             file=sys.stderr,

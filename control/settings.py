@@ -3,6 +3,9 @@
 While `gatewayctl up` runs it records the addresses it actually uses (embedded PostgreSQL and Redis,
 the RunPod simulator) in `$GATEWAY_STATE_DIR/runtime.json`; CLI commands fall back to that file, so
 they work against a running stack with no extra setup. An explicit environment variable always wins.
+
+REDIS_URL names one Redis or a Redis Cluster (`redis+cluster://host:port[,host:port...]`): the forms are
+in control/redisconn.py; unset, `up` starts an embedded Redis.
 """
 
 from __future__ import annotations

@@ -29,12 +29,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import redis
-
 from control import hotsync, workspaces
 from control.context import DB, Context
 from control.errors import ControlError
 from control.money import usd as money
+from control.redisconn import SyncRedis
 from extauth import hotstate
 
 
@@ -58,9 +57,8 @@ def spent_uusd(db: DB, workspace_ids: list[str], month: int) -> dict[str, int]:
 class Settler:
     """The meter's half of the spend limit (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: SyncRedis) -> None:
         self._client = client
-        self._script = client.register_script(hotstate.SETTLE_SCRIPT)
 
     def settle(self, db: DB, managed: Iterable[tuple[str, str]]) -> None:
         """After a batch committed: `managed` holds (workspace id, request id) of its managed rows, newly
@@ -72,10 +70,13 @@ class Settler:
             return
         month = hotstate.month_tag(datetime.now(UTC))
         spent = spent_uusd(db, sorted(by_workspace), month)
+        # EVAL, not EVALSHA: redis-py's cluster pipeline refuses EVALSHA (and hides eval), and a settle is no hot
+        # path. On a cluster each workspace's call goes to its own slot's master.
         with self._client.pipeline(transaction=False) as pipe:
             for workspace_id, request_ids in sorted(by_workspace.items()):
-                self._script(keys=hotstate.spend_redis_keys(workspace_id),
-                             args=[month, spent.get(workspace_id, -1), *request_ids], client=pipe)
+                keys = hotstate.spend_redis_keys(workspace_id)
+                pipe.execute_command("EVAL", hotstate.SETTLE_SCRIPT, len(keys), *keys, month,
+                                     spent.get(workspace_id, -1), *request_ids)
             pipe.execute()
 
 

@@ -1,4 +1,8 @@
-"""ext_authz settings, from the environment (documented in README, "Settings")."""
+"""ext_authz settings, from the environment (documented in README, "Settings").
+
+REDIS_URL names one Redis (redis://[[user]:password@]host[:port][/db], rediss:// for TLS) or a Redis
+Cluster (redis+cluster://host:port[,host:port...], rediss+cluster:// for TLS): control/redisconn.py.
+"""
 
 from __future__ import annotations
 

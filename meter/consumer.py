@@ -50,7 +50,7 @@ class Meter:
         writer: ThreadPoolExecutor,
     ) -> None:
         self._settings = settings
-        self._log_path = str(settings.access_log)
+        self._log_path = settings.position_key
         self._store = store
         self._tailer = tailer
         self._metrics = metrics
@@ -65,7 +65,7 @@ class Meter:
         with ExitStack() as stack:
             store = UsageStore.connect(settings.database_url)
             stack.callback(store.close)
-            tailer = LogTailer(settings.access_log, store.load_position(str(settings.access_log)))
+            tailer = LogTailer(settings.access_log, store.load_position(settings.position_key))
             stack.callback(tailer.close)
             settlement = SpendSettlement(settings.redis_url) if settings.redis_url else None
             if settlement is not None:

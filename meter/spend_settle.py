@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import redis
-
-from control import spend
+from control import redisconn, spend
 from control.context import DB
 from meter.parse import UsageRecord
 
@@ -17,7 +15,7 @@ log = logging.getLogger(__name__)
 
 class SpendSettlement:
     def __init__(self, redis_url: str) -> None:
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._client = redisconn.client(redis_url)
         self._settler = spend.Settler(self._client)
 
     def close(self) -> None:
@@ -29,9 +27,14 @@ class SpendSettlement:
         managed = [(r.workspace_id, r.request_id) for r in records if r.destination == "managed" and r.workspace_id]
         if not managed:
             return
-        try:
-            self._settler.settle(db, managed)
-        except redis.RedisError as err:
-            # Metering goes on: the reservations expire on their own, and the spend is raised by the
-            # workspace's next settled batch (or rebuilt from PostgreSQL if Redis lost it).
-            log.warning("could not settle the spend reservations of this batch: %s", err)
+        # Twice at most: after a Redis Cluster failover the first call fails while redis-py relearns the
+        # slot map, and a settle is safe to repeat.
+        for attempt in range(2):
+            try:
+                self._settler.settle(db, managed)
+                return
+            except redisconn.ERRORS as err:
+                if attempt:
+                    # Metering goes on: the reservations expire on their own, and the spend is raised by
+                    # the workspace's next settled batch (or rebuilt from PostgreSQL if Redis lost it).
+                    log.warning("could not settle the spend reservations of this batch: %s", err)

@@ -56,7 +56,7 @@ def test_a_flushed_script_is_loaded_again(redis_port: int) -> None:
         client = ScriptClient(f"redis://127.0.0.1:{redis_port}/0", SCRIPT, 1.0)
         try:
             await client.decide(["a"], [1])
-            await client._call(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
+            await client._single.call(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
             return await client.decide(["a"], [5])
         finally:
             await client.close()
@@ -125,3 +125,21 @@ def test_password_and_database_from_the_url_never_appear_in_errors(tmp_path: Pat
             await bad.close()
 
         asyncio.run(scenario())
+
+
+def test_redis_url_forms_for_one_server_and_for_a_cluster() -> None:
+    from control.env import SettingsError
+    from control.redisconn import parse
+
+    one = parse("rediss://user:p%40ss@10.0.0.1:6380/3")
+    assert (one.seeds, one.cluster, one.tls, one.user, one.password, one.db) == (
+        (("10.0.0.1", 6380),), False, True, "user", "p@ss", 3)
+    cluster = parse("redis+cluster://:pw@redis-0.redis:7000,redis-1.redis,[::1]:7002")
+    assert cluster.cluster and not cluster.tls and cluster.password == "pw" and cluster.user is None
+    assert cluster.seeds == (("redis-0.redis", 7000), ("redis-1.redis", 6379), ("::1", 7002))
+    assert parse("rediss+cluster://h:1").tls
+    for bad in ("http://h:1", "redis://a:1,b:2", "redis+cluster://h:1/2", "redis://h:notaport",
+                "redis+cluster://", "redis://:hunter2@h:1/db"):
+        with pytest.raises(SettingsError) as info:
+            parse(bad)
+        assert "hunter2" not in str(info.value)
