@@ -45,6 +45,9 @@ class ControlSettings:
     envoy_config: Path
     access_log: Path
     runtime: dict[str, Any]
+    # Seconds the control plane's clock runs ahead of the host's: for tests and drills of the billing
+    # boundary (a pending downgrade then takes effect that much sooner in real time). 0 in production.
+    clock_offset_s: int = 0
 
     @classmethod
     def from_env(cls, use_runtime: bool = True) -> ControlSettings:
@@ -80,6 +83,7 @@ class ControlSettings:
             envoy_config=Path(env_str("GATEWAY_ENVOY_CONFIG", str(REPO_ROOT / "envoy" / "envoy.yaml"))),
             access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))),
             runtime=runtime,
+            clock_offset_s=env_int("GATEWAY_CLOCK_OFFSET_S", 0, minimum=-(10**9)),
         )
 
 
