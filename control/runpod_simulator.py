@@ -410,7 +410,8 @@ def worker_phase(ep: SimEndpoint, now: float) -> str:
     if cold_s > allowed_s:
         return "unhealthy"  # its cold start outlasted RUNPOD_INIT_TIMEOUT: marked unhealthy, retried
     idle_timeout = ep.data["workers"].get("idleTimeout", 5)
-    if not warm and ep.waiting == 0 and now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000) > idle_timeout:
+    idle_s = now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000)
+    if not warm and ep.waiting == 0 and idle_s > idle_timeout:
         ep.started_at = None  # Flex worker scaled down after its idle timeout: the next job pays a cold start
         return "scaled_down"
     # A serving worker drains the queue: jobs whose callers left, and /run jobs.

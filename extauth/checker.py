@@ -279,8 +279,10 @@ class Checker:
         if dep is None:
             return _deny(errors.model_not_found(model), limit_headers, meta)
         if dep.destination == "runpod":
-            # On Redis's clock, as the script switches the rate limits: one moment for every rule.
-            denial = byoc_denial(workspace, dep, self._clock.now_us() + self._clock.offset_us)
+            # On Redis's clock, as the script switches the rate limits: one moment for every rule (read
+            # only when a change is pending).
+            now_us = self._clock.now_us() + self._clock.offset_us if workspace.pending_plan else 0
+            denial = byoc_denial(workspace, dep, now_us)
             if denial is not None:
                 return _deny(denial, limit_headers, meta)
             upstream_key = workspace.credential.runpod_key if workspace.credential else None

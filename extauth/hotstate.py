@@ -137,7 +137,7 @@ local this_month = tonumber(month)
 local spent_in = tonumber(spent_uusd)
 if spent_in >= 0 then put_spent(spend, this_month, spent_in) end
 local k = redis.call('HMGET', key_hash, 'g', 'x', 'r')
-local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l', 's', 'sd', 'sc')
+local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l', 's')
 if (not k[1]) or (not w[1]) then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[1] ~= key_generation or w[1] ~= workspace_generation then return {@STALE@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[2] == '1' then return {@REVOKED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
@@ -150,12 +150,13 @@ if reserve > 0 and spend_limit >= 0 then
   spent = tonumber(s[2])
 end
 local limit = tonumber(k[3])
-local plan_default, ceiling = w[2], w[3]
 -- A pending downgrade holds from its moment on Redis's clock: every replica switches together.
-local switch_at = tonumber(w[5] or '0')
-if switch_at > 0 and now >= switch_at then plan_default, ceiling = w[6], w[7] end
-if limit <= 0 then limit = tonumber(plan_default) end
-ceiling = tonumber(ceiling)
+if w[5] and w[5] ~= '0' and now >= tonumber(w[5]) then
+  local after = redis.call('HMGET', workspace_hash, 'sd', 'sc')
+  w[2], w[3] = after[1], after[2]
+end
+if limit <= 0 then limit = tonumber(w[2]) end
+local ceiling = tonumber(w[3])
 if limit > ceiling then limit = ceiling end
 local interval = 60000000 / limit
 local burst = math.max(1, math.floor(limit / 10))

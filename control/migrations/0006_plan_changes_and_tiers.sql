@@ -8,8 +8,8 @@ ALTER TABLE workspaces
     ADD CONSTRAINT workspaces_pending_plan_pair CHECK ((pending_plan IS NULL) = (pending_plan_at IS NULL));
 
 -- Tiers: Flex scales to zero; Active keeps `min_workers` warm (managed destination only) for a flat
--- monthly base fee, fixed at deploy time from control/tier_fees.json. `billed_from` is when an Active
--- deployment first served (the fee is prorated per day from then until `deleted_at`).
+-- monthly base fee, fixed at deploy time from control/tier_fees.json. `billed_from` is when the
+-- deployment first served: an Active one's fee is prorated per day from then until `deleted_at`.
 ALTER TABLE deployments
     ADD COLUMN tier text NOT NULL DEFAULT 'flex' CHECK (tier IN ('flex', 'active')),
     ADD COLUMN min_workers integer NOT NULL DEFAULT 0 CHECK (min_workers >= 0),
