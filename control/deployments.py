@@ -328,11 +328,11 @@ def deploy(
 def list_deployments(ctx: Context, ws_ref: str, include_deleted: bool = False) -> list[dict[str, Any]]:
     ws = workspaces.resolve(ctx, ws_ref)
     rows = ctx.db.execute(
-        "SELECT id, public_name, model, modality, destination, state, endpoint_id, created_at FROM deployments"
-        " WHERE workspace_id = %s AND (%s OR state <> 'deleted') ORDER BY created_at",
+        "SELECT id, public_name, model, modality, destination, tier, min_workers, state, endpoint_id, created_at"
+        " FROM deployments WHERE workspace_id = %s AND (%s OR state <> 'deleted') ORDER BY created_at",
         (ws["id"], include_deleted),
     ).fetchall()
-    names = ("id", "name", "model", "modality", "destination", "state", "endpoint_id")
+    names = ("id", "name", "model", "modality", "destination", "tier", "min_workers", "state", "endpoint_id")
     return [{**dict(zip(names, row[:-1], strict=True)), "created_at": row[-1].isoformat()} for row in rows]
 
 

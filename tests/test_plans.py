@@ -313,6 +313,9 @@ def test_active_tier_warm_workers_dry_run_cost_and_base_fee(
     [endpoint] = posted(simulator, platform, "/v2/serverless")
     validate(endpoint, "CreateEndpointRequest")
     assert endpoint["workers"]["min"] == 1 and dep["tier"] == "active" and dep["base_fee_usd_month"] == "569.000000"
+    listed = {d["name"]: d for d in gateway.ctl_json("deployments", "list", t.workspace_id)["deployments"]}
+    assert (listed["warm-chat"]["tier"], listed["warm-chat"]["min_workers"]) == ("active", 1)
+    assert (listed[t.chat_model]["tier"], listed[t.chat_model]["min_workers"]) == ("flex", 0)
     reply = sdk(gateway, t.api_key).chat.completions.create(model="warm-chat", messages=[{"role": "user",
                                                                                           "content": "a b"}])
     assert reply.choices
