@@ -45,8 +45,8 @@ class ControlSettings:
     envoy_config: Path
     access_log: Path
     runtime: dict[str, Any]
-    # Seconds the control plane's clock runs ahead of the host's: for tests and drills of the billing
-    # boundary (a pending downgrade then takes effect that much sooner in real time). 0 in production.
+    # Seconds ahead of the host's clock that plan changes reckon the billing period by: for tests and
+    # drills of the boundary (a pending downgrade then takes effect that much sooner in real time).
     clock_offset_s: int = 0
 
     @classmethod
