@@ -47,10 +47,8 @@ def _bump(db: DB, change: Change) -> list[tuple[str, list[Any]]]:
             generation, plan, rpm_default, rpm_ceiling, spend_limit, pending_plan, pending_at_us = row
             default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
             limit = None if spend_limit is None else hotstate.uusd(spend_limit)
-            switch = hotstate.NO_SWITCH if pending_plan is None else hotstate.PlanSwitch(
-                pending_at_us, *effective_limits(pending_plan, None, None))
-            puts.append((hotstate.workspace_redis_key(ws_id),
-                         hotstate.workspace_fields(generation, default, ceiling, limit, switch)))
+            puts.append((hotstate.workspace_redis_key(ws_id), hotstate.workspace_fields(
+                generation, default, ceiling, limit, hotstate.plan_switch(pending_plan, pending_at_us))))
     for key_id in sorted(change.keys):
         row = db.execute(
             "UPDATE api_keys SET generation = generation + 1 WHERE id = %s"

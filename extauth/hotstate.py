@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, NamedTuple
 
+from control.plans import effective_limits
+
 HOTSTATE_TTL_S = 300
 # The spend hash outlives every reservation it sums (their TTL is at most hours); it goes only once a
 # workspace has had no managed traffic for this long, and is then rebuilt from PostgreSQL.
@@ -277,6 +279,13 @@ class PlanSwitch(NamedTuple):
 
 
 NO_SWITCH = PlanSwitch(0, 0, 0)
+
+
+def plan_switch(pending_plan: str | None, at_us: int | None) -> PlanSwitch:
+    """A workspace row's pending downgrade as the hash carries it (the lower plan's own limits)."""
+    if pending_plan is None or at_us is None:
+        return NO_SWITCH
+    return PlanSwitch(at_us, *effective_limits(pending_plan, None, None))
 
 
 def workspace_fields(generation: int, rpm_default: int, rpm_ceiling: int, spend_limit_uusd: int | None,

@@ -179,8 +179,6 @@ class StateStore:
             cred_row = await cur.fetchone()
         plan, generation, rpm_default, rpm_ceiling, spend_limit, pending_plan, pending_at_us = ws
         default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
-        switch = hotstate.NO_SWITCH if pending_plan is None else hotstate.PlanSwitch(
-            pending_at_us, *effective_limits(pending_plan, None, None))
         entry = WorkspaceEntry(
             workspace_id=workspace_id,
             plan=plan,
@@ -194,7 +192,7 @@ class StateStore:
             spent_uusd=hotstate.uusd(spent_row[0]) if spent_row else 0,
             month=month,
             pending_plan=pending_plan,
-            switch=switch,
+            switch=hotstate.plan_switch(pending_plan, pending_at_us),
         )
         self.workspaces.put(workspace_id, entry)
         return entry
