@@ -337,7 +337,34 @@ def test_active_tier_warm_workers_dry_run_cost_and_base_fee(
     assert (oct_["base_fee_usd"], oct_["base_fees"]) == ("0.000000", [])
     text_report = usage.render_text(result)
     assert f"base fee warm-chat ({dep['id']}, 1 warm): $94.833335 for 5 days at $569.00/month" in text_report
-    # The CLI's JSON carries it for the current period too (it first served today).
+    # The CLI's JSON carries it for the current period too.
     current = gateway.ctl_json("usage", t.workspace_id)["periods"][0]
     assert [f["deployment_id"] for f in current["base_fees"]] == [dep["id"]]
     assert Decimal(current["base_fee_usd"]) > 0
+    # Torn down on the 22nd: charged to that day, included, and no further.
+    gateway.ctl_json("teardown", dep["id"])
+    with gateway.context() as ctx:
+        ctx.db.execute("UPDATE deployments SET deleted_at = '2026-11-22T05:00:00Z' WHERE id = %s", (dep["id"],))
+        gone = usage.report(ctx, t.workspace_id, tmp_path, now=datetime(2026, 11, 24, 12, 0, tzinfo=UTC))
+    [fee] = gone["periods"][0]["base_fees"]
+    assert (fee["days"], fee["base_fee_usd"]) == (3, "56.900001")
+
+
+def test_migration_0006_keeps_every_deployment_flex_and_holds_its_rules(postgres_server: str) -> None:
+    import psycopg
+
+    from control.migrate import apply_migrations
+    from tests.conftest import fresh_database
+
+    url = fresh_database(postgres_server)
+    assert any(name.startswith("0006") for name in apply_migrations(url))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO workspaces (id, name, plan) VALUES ('ws_m', 'm', 'pro')")
+        conn.execute("INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, state)"
+                     " VALUES ('dep_old', 'ws_m', 'chat', 'org/m', 'llm', 'runpod', 'ready')")
+        assert conn.execute("SELECT tier, min_workers, base_fee_usd_month FROM deployments").fetchone() == (
+            "flex", 0, Decimal(0))
+        with pytest.raises(psycopg.errors.CheckViolation):  # Active on a customer's own RunPod
+            conn.execute("UPDATE deployments SET tier = 'active' WHERE id = 'dep_old'")
+        with pytest.raises(psycopg.errors.CheckViolation):  # a pending plan without its moment
+            conn.execute("UPDATE workspaces SET pending_plan = 'starter' WHERE id = 'ws_m'")
