@@ -59,7 +59,8 @@ def resolve(ctx: Context, ref: str) -> dict[str, Any]:
 def list_all(ctx: Context) -> list[dict[str, Any]]:
     """Every workspace with its plan and how many active keys and live deployments it has."""
     rows = ctx.db.execute(
-        "SELECT w.id, w.name, w.plan, w.created_at,"
+        # The plan in force: a downgrade whose moment has passed counts even before it is folded in.
+        "SELECT w.id, w.name, CASE WHEN w.pending_plan_at <= now() THEN w.pending_plan ELSE w.plan END, w.created_at,"
         " (SELECT count(*) FROM api_keys k WHERE k.workspace_id = w.id AND k.revoked_at IS NULL),"
         " (SELECT count(*) FROM deployments d WHERE d.workspace_id = w.id AND d.state <> 'deleted')"
         " FROM workspaces w ORDER BY w.name"

@@ -224,6 +224,8 @@ def test_a_downgrade_takes_effect_at_the_billing_boundary_on_the_running_gateway
     flushed.close()
     assert rpm(gateway, t.api_key) == 60 and byoc_refused(gateway, t) == "byoc_plan_required"
 
+    listed = {w["id"]: w for w in gateway.ctl_json("workspace", "list")["workspaces"]}
+    assert listed[t.workspace_id]["plan"] == "starter"  # in force, before anything folded it in
     after = gateway.ctl_json("workspace", "show", t.workspace_id)
     assert (after["plan"], after["pending_plan"], after["can_mint_keys"]) == ("starter", None, False)
     assert error_code(gateway.ctl("keys", "create", t.workspace_id, "--json")) == "plan_required"
