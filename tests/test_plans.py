@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,8 +35,8 @@ from control.spend import billing_month
 from extauth import hotstate
 from extauth.decision import ALLOW
 from extauth.redis_client import ScriptClient
-from tests.conftest import Gateway, Simulator, Tenant, make_tenant
-from tests.support import ROOT, wait_until
+from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
+from tests.support import ROOT, call, wait_until
 from tests.test_deploy import posted, validate
 from tests.test_redis_client import start_redis
 from tests.test_spend_checks import TOKEN, WORKSPACE, FakeHot, FakeStore, check, checker, now_us
@@ -143,7 +144,24 @@ def test_the_script_switches_limits_at_the_moment_on_redis_time(redis_port: int)
     client.close()
 
 
-# Through the real stack.
+# Through the real stack: two ext_authz replicas behind Envoy, so "every running ext_authz" is two.
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator
+) -> Iterator[Gateway]:
+    yield from start_gateway(tmp_path_factory.mktemp("gw-plans"), database_url, redis_url, simulator.url,
+                             {"EXTAUTH_REPLICAS": "2"})
+
+
+def refusals_by_replica(gateway: Gateway, code: str) -> list[int]:
+    counts = []
+    for url in read_runtime(gateway.state_dir)["extauth_metrics_urls"]:
+        text = call("GET", url).body.decode()
+        found = re.findall(rf'gateway_extauth_decisions_total\{{[^}}]*code="{code}"[^}}]*\}} (\d+)', text)
+        counts.append(sum(int(n) for n in found))
+    return counts
 
 
 def ctl_at(gateway: Gateway, offset_s: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -215,6 +233,10 @@ def test_a_downgrade_takes_effect_at_the_billing_boundary_on_the_running_gateway
 
     wait_until(switched, 15, "the downgrade to take effect")
     assert time.time() >= effective
+    for _ in range(3):  # whichever replica decides
+        time.sleep(0.25)
+        assert byoc_refused(gateway, t) == "byoc_plan_required"
+    assert all(refusals_by_replica(gateway, "byoc_plan_required")), "each replica applied the downgrade"
     assert rpm(gateway, t.api_key) == PLANS["starter"].rpm_ceiling  # the key's 800 clamped
     assert read_runtime(gateway.state_dir)["pids"] == pids, "nothing was restarted"
     # Redis losing its data now (before any command has folded the change into the plan) changes
