@@ -29,7 +29,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# tests/test_usage_html.py loads the usage page in a real headless browser: Debian's chromium.
 pytest: install
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest

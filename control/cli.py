@@ -8,7 +8,9 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, tiers, usage, workspaces
@@ -19,6 +21,7 @@ from control.errors import ControlError
 from control.migrate import apply_migrations
 from control.plans import PLANS
 from control.settings import ControlSettings
+from control.usage_html import write as write_usage_page
 from extauth.ratelimit import burst
 
 Handler = Callable[[Context, argparse.Namespace], Any]
@@ -51,6 +54,16 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
     return deployments.deploy(ctx, a.workspace, opts, price=pricing.explicit(a.price_input, a.price_output))
 
 
+def _usage(ctx: Context, a: argparse.Namespace) -> Any:
+    result = usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts")
+    if a.html:
+        name = workspaces.resolve(ctx, a.workspace)["name"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        write_usage_page(a.html, result, name, stamp)
+        result["html"] = str(a.html)
+    return result
+
+
 COMMANDS: dict[tuple[str, ...], Handler] = {
     ("workspace", "list"): lambda ctx, a: {"workspaces": workspaces.list_all(ctx)},
     ("workspace", "show"): lambda ctx, a: workspaces.show(ctx, a.workspace),
@@ -71,7 +84,7 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("prices", "set"): lambda ctx, a: pricing.set_price(
         ctx, deployments.find(ctx, a.deployment, a.workspace), a.input, a.output
     ),
-    ("usage",): lambda ctx, a: usage.report(ctx, a.workspace, ctx.settings.state_dir / "charts"),
+    ("usage",): _usage,
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
     ("deploy",): _deploy,
     ("status",): lambda ctx, a: deployments.status(ctx, a.deployment, a.workspace),
@@ -274,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     p = sub.add_parser("usage", parents=[common], **_doc(
         "usage and cost: this billing period and the two before", "gatewayctl usage acme",
-        "gatewayctl usage acme --json"))
+        "gatewayctl usage acme --json", "gatewayctl usage acme --html acme-usage.html"))
     p.add_argument("workspace", help=WS)
+    p.add_argument("--html", type=Path, metavar="FILE",
+                   help="also write the usage page: one self-contained HTML file (charts with values, no network)")
 
     dp = sub.add_parser("deployments", **_doc("a workspace's deployments")).add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -10,6 +10,7 @@ docker-compose.grpc.yml (compose keeps the file's addresses).
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import json
 from pathlib import Path
@@ -19,11 +20,14 @@ from urllib.parse import urlsplit
 import yaml
 
 from control.env import HostPort, SettingsError
+from extauth.decision import PRECHECK_METADATA
 
 LISTENER = "gateway"
 STATS_LISTENER = "stats"
 ENVOY_ADMIN_CLUSTER = "envoy_admin"
 EXTAUTH_FILTER = "envoy.filters.http.ext_authz"
+# The key pre-check of large bodies: a second ext_authz client, wrapped in a matcher (envoy.yaml).
+PRECHECK_FILTER = "gateway.key_precheck"
 # Where envoy.yaml keeps the gRPC transport's blocks: the `extauth` cluster's metadata.
 GRPC_TRANSPORT_METADATA = "gateway.grpc_transport"
 TRANSPORTS = ("http", "grpc")
@@ -81,14 +85,26 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _http_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    return [http_filter for chain in listener["filter_chains"] for network_filter in chain["filters"]
+            for http_filter in network_filter.get("typed_config", {}).get("http_filters", [])]
+
+
 def _ext_authz_filter(listener: dict[str, Any]) -> dict[str, Any]:
-    for chain in listener["filter_chains"]:
-        for network_filter in chain["filters"]:
-            for http_filter in network_filter.get("typed_config", {}).get("http_filters", []):
-                if http_filter.get("name") == EXTAUTH_FILTER:
-                    found: dict[str, Any] = http_filter["typed_config"]
-                    return found
+    for http_filter in _http_filters(listener):
+        if http_filter.get("name") == EXTAUTH_FILTER:
+            found: dict[str, Any] = http_filter["typed_config"]
+            return found
     raise SettingsError(f"the {LISTENER!r} listener has no {EXTAUTH_FILTER} filter")
+
+
+def _precheck_filter(listener: dict[str, Any]) -> dict[str, Any] | None:
+    """The pre-check's own ext_authz config, if the operator's file keeps the pre-check."""
+    for http_filter in _http_filters(listener):
+        if http_filter.get("name") == PRECHECK_FILTER:
+            found: dict[str, Any] = http_filter["typed_config"]["extension_config"]["typed_config"]
+            return found
+    return None
 
 
 def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
@@ -105,9 +121,17 @@ def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
     if not blocks or "grpc_service" not in blocks or "grpc_health_check" not in blocks:
         raise SettingsError(f"the {EXTAUTH_CLUSTER!r} cluster has no metadata {GRPC_TRANSPORT_METADATA!r} with "
                             "grpc_service and grpc_health_check (README, \"The gRPC transport\")")
-    authz = _ext_authz_filter(_named(resources["listeners"], LISTENER, "listener"))
+    listener = _named(resources["listeners"], LISTENER, "listener")
+    authz = _ext_authz_filter(listener)
     authz.pop("http_service", None)
     authz["grpc_service"] = blocks["grpc_service"]
+    precheck = _precheck_filter(listener)
+    if precheck is not None:
+        # The same service, marked as the pre-check (over HTTP it has its own path prefix instead).
+        precheck.pop("http_service", None)
+        service = copy.deepcopy(blocks["grpc_service"])
+        service["initial_metadata"] = [*service.get("initial_metadata", []), {"key": PRECHECK_METADATA, "value": "1"}]
+        precheck["grpc_service"] = service
     for check in cluster.get("health_checks", []):
         check.pop("http_health_check", None)
         check["grpc_health_check"] = blocks["grpc_health_check"]
@@ -125,12 +149,18 @@ def require_secret(config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a config whose checks or health checks would reach ext_authz without the secret: every one
     would be refused, and the stack would never turn ready, for a reason far from the cause."""
     resources = config["static_resources"]
-    authz = _ext_authz_filter(_named(resources["listeners"], LISTENER, "listener"))
-    service = authz.get("http_service", {}).get("authorization_request") or authz.get("grpc_service")
-    checks = _named(resources["clusters"], EXTAUTH_CLUSTER, "cluster").get("health_checks", [])
-    missing = [what for what, block in (("the ext_authz filter", service), (f"the {EXTAUTH_CLUSTER!r} health check",
-                                                                             checks))
-               if not _sends_secret(block)]
+    listener = _named(resources["listeners"], LISTENER, "listener")
+    clients = [("the ext_authz filter", _ext_authz_filter(listener))]
+    precheck = _precheck_filter(listener)
+    if precheck is not None:
+        clients.append((f"the {PRECHECK_FILTER} filter", precheck))
+    blocks: list[tuple[str, Any]] = [
+        (what, authz.get("http_service", {}).get("authorization_request") or authz.get("grpc_service"))
+        for what, authz in clients
+    ]
+    blocks.append((f"the {EXTAUTH_CLUSTER!r} health check",
+                   _named(resources["clusters"], EXTAUTH_CLUSTER, "cluster").get("health_checks", [])))
+    missing = [what for what, block in blocks if not _sends_secret(block)]
     if missing:
         raise SettingsError(f"{' and '.join(missing)} must send x-gateway-secret: {SECRET_VALUE} "
                             "(README, \"Key custody\")")

@@ -26,8 +26,12 @@ Control routes (no auth, never recorded)
     PATCH  /_sim/endpoints/{id}          knobs: health ready|initializing|throttled|unhealthy (what a
                                           started worker does: `ready` = starts and serves after its cold
                                           start; the others = never gets there), cold_start_ms,
-                                          stream_delay_ms,
-                                          fail none|http500|worker_error_200|unauthorized
+                                          stream_delay_ms, stream_split_bytes, embedding_dim,
+                                          fail none|http500|worker_error_200|unauthorized|
+                                               vllm_context_length|vllm_unknown_model|vllm_bad_parameter|
+                                               vllm_unprocessable|vllm_internal|vllm_unreachable|
+                                               infinity_error,
+                                          stream_error_content_type application/json|text/event-stream
     POST   /_sim/fail-next               {"path_contains": "...", "status": 500, "method"?, "times"?: 1}
                                           the next matching request(s) fail with that status, before auth
 
@@ -51,6 +55,25 @@ Worker lifecycle (see "the serverless worker lifecycle" below for the published 
     turns unhealthy when that time is up. An endpoint whose `workers.max` is 0 starts no worker.
     `endpoint_knobs` on an account (POST /_sim/accounts) are the knobs its endpoints are created with.
 
+The OpenAI route, worker by worker (re-read these files when a pinned tag changes)
+    An endpoint whose env has MODEL_NAMES and no MODEL_NAME runs worker-infinity-embedding 1.1.4; any other
+    runs worker-vllm v2.25.2 (vLLM v0.27.1, `Dockerfile` ARG VLLM_VERSION).
+    worker-vllm (`src/handler.py`): the route is proxied to vLLM; when vLLM answers >= 400 the handler
+        yields `{"error": {"message": "vLLM returned HTTP <status>: <vLLM's body>", "type": "worker_error",
+        "code": null}}` and RunPod delivers it as HTTP 200 (worker-vllm issue #57). It is yielded before any
+        stream chunk, so a streamed request gets that one JSON object, not SSE. Its content type under
+        `stream: true` is not published: the knob `stream_error_content_type` picks it (default
+        application/json). vLLM's own body is `{"error": {"message", "type", "param", "code": <status>}}`
+        (`vllm/entrypoints/utils.py` create_error_response). The `vllm_*` fail knobs provoke each one.
+    vLLM streams (`vllm/entrypoints/utils.py` should_include_usage, PR #37923): with
+        ENABLE_FORCE_INCLUDE_USAGE on, usage (cumulative) is in every chunk and a final `choices: []` chunk
+        carries it, whatever the client asked; otherwise only with `stream_options.include_usage`.
+    worker-infinity-embedding (`src/handler.py`, `src/embedding_service.py`, `src/utils.py`): routes
+        /v1/models and /v1/embeddings only ("Invalid OpenAI Route: ..." otherwise); `encoding_format` is
+        ignored (floats always); with one model loaded any `model` name is answered; errors are HTTP 200
+        `{"object": "error", "message", "type": "BadRequestError", "param": null, "code": 400}`.
+        `embedding_dim` (knob) sets the vector length (default 8).
+
 Run: python -m control.runpod_simulator [--host 127.0.0.1] [--port 0] [--accounts FILE] [--port-file FILE]
      [--state FILE]   (templates and endpoints: read at start if present, written at shutdown)
 """
@@ -59,7 +82,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import copy
 import dataclasses
 import hashlib
@@ -70,7 +92,6 @@ import re
 import secrets
 import signal
 import string
-import struct
 import time
 import uuid
 from collections import deque
@@ -198,9 +219,32 @@ CREATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "type": _enum("QUEUE", "LOAD_BALANCE
 UPDATE_ENDPOINT = _obj({**_ENDPOINT_FIELDS, "gpu": _obj(_GPU)})
 KEY = _obj({"key": _NAME, "read_only": _BOOL}, ("key",))
 HEALTH_STATES = ("ready", "initializing", "throttled", "unhealthy")
-FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized")
+# vLLM's answer for each `vllm_*` fail knob: (HTTP status, vLLM error type, message). The messages are
+# vLLM's own wording: `vllm/entrypoints/utils.py` (get_max_tokens; create_error_response maps
+# ValueError to 400 BadRequestError, VLLMNotFoundError to 404), `vllm/exceptions.py` (VLLMValidationError
+# may carry another http_status, e.g. 422), `vllm/v1/engine/exceptions.py` (EngineDeadError, 500), and
+# the request-validation handler (400 "Bad Request").
+VLLM_ERRORS = {
+    "vllm_context_length": (400, "BadRequestError",
+                            "Input length (40961) exceeds model's maximum context length (32768)."),
+    "vllm_unknown_model": (404, "NotFoundError", "The model `{model}` does not exist."),
+    "vllm_bad_parameter": (400, "Bad Request",
+                           "1 validation error:\n  {'type': 'less_than_equal', 'loc': ('body', 'temperature'), "
+                           "'msg': 'Input should be less than or equal to 2', 'input': 7}"),
+    "vllm_unprocessable": (422, "BadRequestError", "response_format: the JSON schema could not be compiled"),
+    "vllm_internal": (500, "InternalServerError",
+                      "EngineCore encountered an issue. See stack trace (above) for the root cause."),
+}
+# worker-vllm's own failure when vLLM does not answer at all (src/handler.py, aiohttp.ClientError).
+VLLM_UNREACHABLE = ("Request to vLLM failed: Cannot connect to host 127.0.0.1:8000 ssl:default "
+                    "[Connect call failed ('127.0.0.1', 8000)]")
+FAIL_MODES = ("none", "http500", "worker_error_200", "unauthorized", "infinity_error", "vllm_unreachable",
+              *VLLM_ERRORS)
+STREAM_ERROR_TYPES = ("application/json", "text/event-stream")
 KNOBS = _obj({"health": _enum(*HEALTH_STATES), "cold_start_ms": _t(int, minimum=0),
-              "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0)})
+              "fail": _enum(*FAIL_MODES), "stream_delay_ms": _t(int, minimum=0),
+              "embedding_dim": _t(int, minimum=1, maximum=65536), "stream_split_bytes": _t(int, minimum=0),
+              "stream_error_content_type": _enum(*STREAM_ERROR_TYPES)})
 ACCOUNT = _obj({"id": _NAME, "email": _t(str, type(None)), "keys": _STRS, "read_only_keys": _STRS,
                "endpoint_knobs": KNOBS}, ("id",))
 RUN_BODY = _obj({"input": lambda v, p: [], "webhook": _STR, "policy": _t(dict)}, ("input",))
@@ -228,6 +272,9 @@ class Knobs:
     cold_start_ms: int = 0
     fail: str = "none"
     stream_delay_ms: int = 0
+    embedding_dim: int = 8
+    stream_split_bytes: int = 0
+    stream_error_content_type: str = "application/json"
 
 
 @dataclass
@@ -327,9 +374,29 @@ def _reply(prompt: str, limit: int | None) -> tuple[list[str], str]:
     return words[:cap], "length" if limit is not None and len(words) > limit else "stop"
 
 
-def _embedding(text: str) -> list[float]:
-    # k/128 values are exact in float32, so the float and base64 encodings decode to identical numbers
-    return [(b - 128) / 128 for b in hashlib.sha256(text.encode()).digest()[:8]]
+def _embedding_json(text: str, dim: int) -> str:
+    """The vector for `text` as JSON text: 8 values from its hash, repeated to `dim` (cheap even for
+    thousands of 3,072-dimension vectors). k/128 values are exact in float32, as infinity's are."""
+    values = [repr((b - 128) / 128) for b in hashlib.sha256(text.encode()).digest()[:8]]
+    return "[" + ",".join((values * (dim // 8 + 1))[:dim]) + "]"
+
+
+def _vllm_error(status: int, kind: str, message: str) -> dict[str, Any]:
+    """What worker-vllm yields when vLLM answers `status` (src/handler.py `_error`), wrapping vLLM's body
+    exactly as the handler reads it (`await resp.text()` of a compact JSONResponse)."""
+    detail = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        separators=(",", ":"), ensure_ascii=False)
+    return {"error": {"message": f"vLLM returned HTTP {status}: {detail}", "type": "worker_error", "code": None}}
+
+
+def _infinity_error(message: str) -> dict[str, Any]:
+    # worker-infinity-embedding 1.1.4 src/utils.py create_error_response: HTTP 200 to the caller.
+    return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+
+
+def _runs_infinity(env: dict[str, str]) -> bool:
+    # worker-infinity-embedding reads MODEL_NAMES (src/config.py); worker-vllm reads MODEL_NAME.
+    return bool(env.get("MODEL_NAMES")) and not env.get("MODEL_NAME")
 
 
 def served_models(env: dict[str, str]) -> list[str]:
@@ -808,6 +875,8 @@ class Simulator:
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         ep = await self._worker(request)
+        if _runs_infinity(ep.data["env"]):
+            return await self._infinity(request, ep)
         route, served = request.match_info["route"].strip("/"), served_models(ep.data["env"])
         if route == "models" and request.method == "GET":
             ep.completed += 1
@@ -819,12 +888,22 @@ class Simulator:
             raise _openai_error(404, f"route /v1/{route} not found", "NotFoundError")
         body = await _json(request, _openai_error_factory, _t(dict))
         model = body.get("model") or (served[0] if served else "")
+        fail = ep.knobs.fail
         if served and model not in served:
-            return web.json_response({"code": 404, "message": f"The model `{model}` does not exist.",
-                                      "object": "error", "param": None, "type": "NotFoundError"})
+            fail = "vllm_unknown_model"  # vLLM's own answer to a model it does not serve
+        if fail in VLLM_ERRORS or fail == "vllm_unreachable":
+            ep.failed += 1
+            if fail == "vllm_unreachable":
+                error = {"error": {"message": VLLM_UNREACHABLE, "type": "worker_error", "code": None}}
+            else:
+                status, kind, message = VLLM_ERRORS[fail]
+                error = _vllm_error(status, kind, message.replace("{model}", model))
+            # A streamed request gets the same one object (the handler yields it before any chunk).
+            content_type = ep.knobs.stream_error_content_type if body.get("stream") else "application/json"
+            return web.Response(status=200, text=json.dumps(error), content_type=content_type)
         ep.completed += 1
         if route == "embeddings":
-            return self._embeddings(body, model)
+            return self._embeddings(body, model, ep.knobs.embedding_dim)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and _t(int, minimum=0)(limit, "max_tokens"):
             raise _openai_error(400, "max_tokens must be a non-negative integer")
@@ -844,19 +923,58 @@ class Simulator:
         return await self._generate(request, ep, body, model, True, [last_user],
                                     sum(len(_words(t)) for t in texts), limit)
 
+    async def _infinity(self, request: web.Request, ep: SimEndpoint) -> web.StreamResponse:
+        """worker-infinity-embedding 1.1.4, src/handler.py async_generator_handler's openai branch."""
+        route = "/v1/" + request.match_info["route"].strip("/")
+        names = [m for m in ep.data["env"]["MODEL_NAMES"].split(";") if m]
+        if route == "/v1/models":
+            ep.completed += 1
+            created = int(time.time())
+            return web.json_response({"data": [{"id": m, "stats": {}, "object": "model", "owned_by": "infinity",
+                                                "created": created, "backend": ""} for m in names],
+                                      "object": "list"})
+        if route != "/v1/embeddings":
+            ep.failed += 1
+            return web.json_response(_infinity_error(f"Invalid OpenAI Route: {route}"))
+        body = await _json(request, _openai_error_factory, _t(dict))
+        model = body.get("model")
+        failure = None
+        if not body:
+            failure = "Missing input"
+        elif not model:
+            failure = "Did not specify model in openai_input"
+        elif len(names) > 1 and model not in names:
+            # infinity_emb AsyncEngineArray.__getitem__: one engine answers any name, several need a match.
+            failure = f"Engine for model name `{model}` not found. Available model names are {names}"
+        elif ep.knobs.fail == "infinity_error":
+            failure = "CUDA out of memory. Tried to allocate 2.00 GiB"
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if failure is None and (not isinstance(inputs, list) or not inputs
+                                or not all(isinstance(s, str) for s in inputs)):
+            failure = "input must be a string or a non-empty list of strings"
+        if failure is not None:
+            ep.failed += 1
+            return web.json_response(_infinity_error(failure))
+        ep.completed += 1
+        return self._embeddings(body, str(model), ep.knobs.embedding_dim)
+
     @staticmethod
-    def _embeddings(body: dict[str, Any], model: str) -> web.StreamResponse:
+    def _embeddings(body: dict[str, Any], model: str, dim: int) -> web.StreamResponse:
+        """An OpenAI embeddings list. `encoding_format` is ignored, floats always, as infinity does
+        (src/utils.py list_embeddings_to_response); the JSON is built as text so that thousands of long
+        vectors cost little to produce."""
         raw = body.get("input")
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
             raise _openai_error(400, "input must be a string or a non-empty list of strings")
-        b64 = body.get("encoding_format") == "base64"
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec}
-                for i, vec in enumerate(map(_embedding, inputs))]
+        vectors = {text: _embedding_json(text, dim) for text in set(inputs)}
+        data = ",".join(f'{{"object":"embedding","embedding":{vectors[text]},"index":{i}}}'
+                        for i, text in enumerate(inputs))
         tokens = sum(len(_words(s)) for s in inputs)
-        return web.json_response({"object": "list", "data": data, "model": model,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
+        text = f'{{"model":{json.dumps(model)},"object":"list","data":[{data}],"usage":{usage}}}'
+        return web.Response(text=text, content_type="application/json")
 
     @staticmethod
     async def _generate(request: web.Request, ep: SimEndpoint, body: dict[str, Any], model: str, chat: bool,
@@ -883,22 +1001,45 @@ class Simulator:
         if not stream:
             choices = [choice(i, " ".join(w), fin, False) for i, (w, fin) in enumerate(replies)]
             return web.json_response({**head, "choices": choices, "usage": usage})
-        chunks = []
+        # vllm/entrypoints/utils.py should_include_usage: ENABLE_FORCE_INCLUDE_USAGE turns on both the final
+        # usage chunk and usage in every chunk (cumulative); a client gets them with include_usage
+        # (+ continuous_usage_stats).
+        raw_options = body.get("stream_options")
+        options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
+        forced = ep.data["env"].get("ENABLE_FORCE_INCLUDE_USAGE", "").lower() == "true"
+        final_usage = forced or options.get("include_usage") is True
+        continuous = forced or (final_usage and options.get("continuous_usage_stats") is True)
+        chunks, generated = [], 0
+
+        def add(chunk: dict[str, Any], tokens: int) -> None:
+            nonlocal generated
+            generated += tokens
+            if continuous:
+                chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                  "total_tokens": prompt_tokens + generated}
+            chunks.append(chunk)
+
         for i, (words, finish) in enumerate(replies):
-            chunks += [{**head, "choices": [choice(i, w if j == 0 else f" {w}", None, True, j == 0)]}
-                       for j, w in enumerate(words)]
-            chunks.append({**head, "choices": [choice(i, "", finish, True)]})
-        options = body.get("stream_options")
-        if (isinstance(options, dict) and options.get("include_usage") is True) \
-                or ep.data["env"].get("ENABLE_FORCE_INCLUDE_USAGE", "").lower() == "true":
+            for j, w in enumerate(words):
+                add({**head, "choices": [choice(i, w if j == 0 else f" {w}", None, True, j == 0)]}, 1)
+            add({**head, "choices": [choice(i, "", finish, True)]}, 0)
+        if final_usage:
             chunks.append({**head, "choices": [], "usage": usage})
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        # vLLM writes compact JSON (pydantic model_dump_json); worker-vllm passes its bytes on as they come
+        # (`resp.content.iter_any()`), so event and chunk boundaries need not meet: `stream_split_bytes`
+        # cuts each event into pieces of that many bytes, each written on its own.
+        split = ep.knobs.stream_split_bytes
         for n, chunk in enumerate(chunks):
             if n and ep.knobs.stream_delay_ms:
                 await asyncio.sleep(ep.knobs.stream_delay_ms / 1000)
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            event = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            for start in range(0, len(event), split or len(event)):
+                if start:
+                    await asyncio.sleep(0.001)  # apart, so that they reach the gateway as separate reads
+                await response.write(event[start:start + (split or len(event))])
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

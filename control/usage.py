@@ -6,6 +6,7 @@ and per period, and `total_usd` = usage cost + base fee."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html import escape
@@ -19,6 +20,22 @@ from control.spend import billing_month
 
 PERIODS = 3
 _BARS = " ▁▂▃▄▅▆▇█"
+# Requests, errors and latency per day and per period (the HTML page, control/usage_html.py, draws them).
+# Latency is that of answered requests (status < 400): a refusal answered by the gateway in a
+# millisecond says nothing about how fast the models serve. percentile_disc: a duration that occurred.
+_ACTIVITY = (
+    "count(*), count(*) FILTER (WHERE status >= 400), "
+    + ", ".join(
+        f"percentile_disc({q}) WITHIN GROUP (ORDER BY {column}) FILTER (WHERE status < 400)"
+        for column in ("duration_ms", "ttfb_ms") for q in (0.5, 0.95)
+    )
+)
+
+
+def _latency(values: Sequence[int | None]) -> dict[str, int | None]:
+    """p50/p95 of the whole request (duration) and of its first byte (ttfb), in ms; None: none answered."""
+    duration_p50, duration_p95, ttfb_p50, ttfb_p95 = values
+    return {"duration_p50": duration_p50, "duration_p95": duration_p95, "ttfb_p50": ttfb_p50, "ttfb_p95": ttfb_p95}
 
 
 def periods(now: datetime) -> list[tuple[datetime, datetime]]:
@@ -74,6 +91,18 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime, now
             f"SELECT status, count(*) FROM usage_events WHERE {where} AND status >= 400 GROUP BY 1 ORDER BY 1", args
         )
     }
+    activity = {
+        day.isoformat(): row
+        for day, *row in ctx.db.execute(
+            f"SELECT (start_time AT TIME ZONE 'UTC')::date, {_ACTIVITY} FROM usage_events WHERE {where} GROUP BY 1",
+            args,
+        )
+    }
+    for entry in days:
+        requests, failed, *latency = activity.get(entry["date"], (0, 0, None, None, None, None))
+        entry.update(requests=requests, errors=failed, latency_ms=_latency(latency))
+    period_activity = ctx.db.execute(f"SELECT {_ACTIVITY} FROM usage_events WHERE {where}", args).fetchone()
+    assert period_activity is not None
     total = ctx.db.execute(
         f"SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
         f" coalesce(sum(cost_usd), 0) FROM usage_events WHERE {where}",
@@ -96,6 +125,7 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime, now
         "daily": days,
         "models": grouped("model"),
         "keys": grouped("key_id"),
+        "latency_ms": _latency(period_activity[2:]),
     }
 
 
@@ -165,5 +195,7 @@ def render_text(result: dict[str, Any]) -> str:
                          f" ${Decimal(f['base_fee_usd']):.6f} for {f['days']} days"
                          f" at ${Decimal(f['monthly_usd']):.2f}/month")
     lines.append(f"chart: {result['chart']}")
+    if "html" in result:
+        lines.append(f"html: {result['html']}")
     return "\n".join(lines)
 

@@ -3,32 +3,55 @@
 -- On the way in: an allowed request carries the upstream path ext_authz chose in x-gateway-path;
 -- it becomes :path (an ext_authz answer over HTTP cannot set pseudo-headers) and routing starts again.
 --
--- On the way back, for requests ext_authz forwarded to a customer's endpoint (routes runpod, managed):
+-- On the way back, for requests ext_authz forwarded to an endpoint (routes runpod, managed):
 -- 1. Token usage and the model that answered, into dynamic metadata `gateway.usage:usage` for the
---    access log:
---    from streamed (SSE) responses as the chunks pass, without buffering or delaying them; from JSON
---    responses once whole (they are buffered anyway, to catch worker errors). A pattern scan costs a
---    fraction of a full JSON parse, which matters for large embeddings responses.
--- 2. RunPod's OpenAI route can answer HTTP 200 with a worker error body: the client gets a real error
---    status in OpenAI's shape instead.
--- 3. RunPod refusing the customer's key (401/403): the client is told to reconnect RunPod, and the
---    gateway is told, so the next requests fail fast without calling RunPod.
--- 4. Any other upstream failure is answered in OpenAI's shape, pointing at the RunPod console.
+--    access log, with `source`: "final" (the upstream's own final figures), "partial" (the upstream's
+--    cumulative figures as of the last chunk that passed: the stream was cut before its end) or
+--    "counted" (no usage seen: `completion_tokens` is the number of content events that reached the
+--    client; the meter estimates the rest, meter/parse.py).
+-- 2. Streams (SSE) are rewritten event by event as they pass, never delayed past their event's end:
+--    forced usage (ENABLE_FORCE_INCLUDE_USAGE puts cumulative usage in every chunk and adds a final
+--    `choices: []` chunk) is kept for the meter but shown to the client as OpenAI would: no usage and
+--    no `choices: []` chunk unless the request asked (`stream_options.include_usage`, lifted by
+--    json_to_metadata), and then only that one final usage chunk. Since a client may leave at any
+--    moment, the latest figures are written to the metadata as each chunk passes.
+-- 3. RunPod's OpenAI route answers worker errors as HTTP 200 (worker-vllm: vLLM's status and detail
+--    inside the message; infinity: an "error" object): the client gets that status and vLLM's detail
+--    in OpenAI's shape. Small JSON bodies are buffered to catch them; large ones (embeddings batches)
+--    stream through, their usage read from their first and last bytes.
+-- 4. RunPod refusing the customer's key (401/403): the client is told to reconnect RunPod, and the
+--    gateway is told, so the next requests fail fast. Refusing the platform's key (managed): a 503 to the
+--    client, an error line in Envoy's log for operators, no customer credential touched.
+-- 5. Any other upstream failure is answered in OpenAI's shape, pointing at the RunPod console.
 --
 -- Envoy's Lua has no JSON library; the patterns below only ever look at the unescaped structure of a
 -- JSON document, where a model's output (always inside an escaped string) cannot imitate them.
 
 local USAGE = "gateway.usage"
+local REQUEST = "envoy.filters.http.json_to_metadata"
 local PATH = "x-gateway-path"
 local AUTHZ = "envoy.filters.http.ext_authz"
--- Bytes kept from the previous chunk, so a usage object split across two chunks is still found.
-local CARRY = 512
+-- JSON bodies up to this size are buffered whole (worker errors are a few hundred bytes); larger ones
+-- stream through. Bodies without a content-length are buffered too (under the buffer limit).
+local BUFFER_MAX = 1048576
+-- Bytes read from each end of a large JSON body: the model comes first, the usage object last.
+local EDGE = 1024
+-- A partial SSE event is held back until its end arrives, up to this size; past it, it passes as is.
+local HOLD_MAX = 65536
+
+local function escape(text)
+  return (text:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" else return " " end
+  end))
+end
+
+-- `message` must already be JSON-escaped string content.
+local function error_json(message, kind, code)
+  return string.format('{"error":{"message":"%s","type":"%s","param":null,"code":"%s"}}', message, kind, code)
+end
 
 local function error_body(message, kind, code)
-  local escaped = message:gsub('[%c"\\]', function(c)
-    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" else return " " end
-  end)
-  return string.format('{"error":{"message":"%s","type":"%s","param":null,"code":"%s"}}', escaped, kind, code)
+  return error_json(escape(message), kind, code)
 end
 
 -- Replaces the upstream's answer. Call it before anything that yields (httpCall): once a yield let
@@ -55,39 +78,187 @@ local function after_last(text, key, pattern)
   end
 end
 
+-- The escaped content of the JSON string value of the first `key` in `text` (nil if none).
+local function string_field(text, key)
+  local _, stop = text:find(key, 1, true)
+  if stop == nil then return nil end
+  local _, open = text:find('^%s*:%s*"', stop + 1)
+  if open == nil then return nil end
+  local from = open + 1
+  local pos = from
+  while true do
+    local quote = text:find('"', pos, true)
+    if quote == nil then return nil end
+    local back = quote - 1
+    while back >= from and text:byte(back) == 92 do back = back - 1 end
+    if (quote - 1 - back) % 2 == 0 then return text:sub(from, quote - 1) end
+    pos = quote + 1
+  end
+end
+
+local function usage_entry(usage, model, source)
+  return {
+    prompt_tokens = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)')),
+    completion_tokens = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)')),
+    model = model,
+    source = source,
+  }
+end
+
+local function first_model(text)
+  return text:match('^%s*:%s*"([^"\\]*)"', (select(2, text:find('"model"', 1, true)) or #text) + 1)
+end
+
 local function record_usage(handle, text)
-  -- The usage object of an OpenAI stream is in the last event that carries one; a JSON response has
-  -- one, at the top level.
+  -- A JSON response has one usage object, at the top level, after its data.
   local usage = after_last(text, '"usage"', '^%s*:%s*(%b{})')
   if usage == nil then return end
   -- One metadata write: each one merges into the stream's metadata, which costs more than the scan.
   -- Wrapper objects do not survive a yield: fetch the metadata afresh each time.
-  handle:streamInfo():dynamicMetadata():set(USAGE, "usage", {
-    prompt_tokens = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)')),
-    completion_tokens = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)')),
-    model = text:match('^%s*:%s*"([^"\\]*)"', (select(2, text:find('"model"', 1, true)) or #text) + 1),
-  })
+  handle:streamInfo():dynamicMetadata():set(USAGE, "usage", usage_entry(usage, first_model(text), "final"))
 end
 
-local function scan_stream(handle)
-  local tail = ""
+-- Whatever a worker's message holds, the client never sees an address inside RunPod or a key.
+local function scrub(message)
+  message = message:gsub("https?://[^%s\"\\]*", "(internal address)")
+  message = message:gsub("%d+%.%d+%.%d+%.%d+:%d+", "(internal address)")
+  message = message:gsub("%d+%.%d+%.%d+%.%d+", "(internal address)")
+  message = message:gsub("localhost:%d+", "(internal address)")
+  return (message:gsub("rpa_[%w_%-]+", "(redacted)"))
+end
+
+-- A worker error in a 200 body: its status and OpenAI-shaped body, or nil for a real answer.
+local function worker_error(body)
+  -- worker-vllm: {"error":{"message":"vLLM returned HTTP 400: <vLLM's JSON>","type":"worker_error",...}}
+  -- infinity: {"object":"error","message":...,"code":400}
+  local wrapped = body:find('^%s*{%s*"error"%s*:%s*{')
+  if not wrapped and not after_last(body, '"object"', '^%s*:%s*"(error)"') then return nil end
+  local message = string_field(body, '"message"') or "The model worker failed."
+  local status
+  local vllm_status, detail = message:match("^vLLM returned HTTP (%d%d%d): (.*)$")
+  if vllm_status then
+    status = tonumber(vllm_status)
+    -- vLLM's own error body, escaped once more inside the worker's message: its message is the detail.
+    message = string_field((detail:gsub('\\([\\"/])', "%1")), '"message"') or detail
+  elseif not wrapped then
+    status = tonumber(body:match('"code"%s*:%s*(%d%d%d)'))
+  end
+  if status == nil or status < 400 or status > 599 then status = 502 end
+  local code = "worker_error"
+  if status == 404 then code = "model_not_found"
+  elseif message:find("maximum context length", 1, true) then code = "context_length_exceeded" end
+  local kind = status < 500 and "invalid_request_error" or "server_error"
+  return status, error_json(scrub(message), kind, code)
+end
+
+local function set_usage(handle, entry)
+  handle:streamInfo():dynamicMetadata():set(USAGE, "usage", entry)
+end
+
+-- A streamed request's worker error arrives as one JSON object, not SSE, once the 200 headers have
+-- gone: the client gets it as an SSE error event (the OpenAI SDK raises APIError with its message).
+local function stream_error(handle, chunk, pending)
+  local object = pending:match("^%s*(%b{})")
+  if object == nil then
+    chunk:setBytes("")
+    return pending
+  end
+  local _, body = worker_error(object)
+  chunk:setBytes("event: error\ndata: " .. (body or object) .. "\n\n")
+  set_usage(handle, {prompt_tokens = 0, completion_tokens = 0, source = "final"})
+  return nil
+end
+
+-- Whether the first `key` in `event` is followed by a non-empty string. Plain finds and anchored
+-- matches only: an unanchored pattern is tried at every byte, and this runs for every event.
+local function has_text(event, key)
+  local _, stop = event:find(key, 1, true)
+  return stop ~= nil and event:find('^%s*:%s*"[^"]', stop + 1) ~= nil
+end
+
+local function after_key(event, key, pattern)
+  local _, stop = event:find(key, 1, true)
+  return stop ~= nil and event:find(pattern, stop + 1) ~= nil
+end
+
+-- `event` without the member that starts at `key` and ends at `last`, and its separating comma.
+local function without(event, key, last)
+  local before = event:sub(1, key - 1):match("^(.-),%s*$")
+  if before then return before .. event:sub(last + 1) end
+  local after = event:sub(last + 1):match("^%s*,(.*)$")
+  return event:sub(1, key - 1) .. (after or event:sub(last + 1))
+end
+
+local function rewrite_stream(handle)
+  local request = handle:streamInfo():dynamicMetadata():get(REQUEST)
+  local asked = request ~= nil and request["include_usage"] == true
+  local pending, model, usage, final, counted = "", nil, nil, false, 0
+  local first, failed = true, false
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
-    local window = tail .. bytes
-    if window:find('"usage"', 1, true) then record_usage(handle, window) end
-    tail = window:sub(-CARRY)
+    if pending ~= "" then bytes = pending .. bytes end
+    if first and bytes:find("^%s*{") then failed = true end
+    if #bytes > 0 then first = false end
+    if failed == "answered" or (failed and #bytes > HOLD_MAX) then
+      chunk:setBytes("") -- nothing after the error object is for the client
+      pending = ""
+    elseif failed then
+      pending = stream_error(handle, chunk, bytes) or ""
+      if pending == "" then failed = "answered" end
+    else
+      local out, pos, changed, seen = {}, 1, pending ~= "", false
+      while true do
+        local _, stop = bytes:find("\n\n", pos, true)
+        if stop == nil then break end
+        local event = bytes:sub(pos, stop)
+        pos = stop + 1
+        if model == nil then model = first_model(event) end
+        if has_text(event, '"content"') or has_text(event, '"text"') then
+          counted = counted + 1
+          seen = true
+        end
+        local key = event:find('"usage"', 1, true)
+        if key then
+          local value_from, value_to = event:find("^%s*:%s*%b{}", key + 7)
+          local closing = after_key(event, '"choices"', "^%s*:%s*%[%s*%]")
+          if value_from then
+            usage, seen, changed = event:match("%b{}", value_from), true, true
+            final = final or closing
+            if not closing then event = without(event, key, value_to) end
+          end
+          if closing and not asked then event, changed = "", true end
+        end
+        out[#out + 1] = event
+      end
+      pending = bytes:sub(pos)
+      if #pending > HOLD_MAX then
+        out[#out + 1] = pending
+        pending = ""
+      end
+      if changed or pending ~= "" then chunk:setBytes(table.concat(out)) end
+      if seen then
+        if usage then
+          set_usage(handle, usage_entry(usage, model, final and "final" or "partial"))
+        else
+          set_usage(handle, {completion_tokens = counted, model = model, source = "counted"})
+        end
+      end
+    end
   end
 end
 
-local function worker_error(body)
-  -- vLLM: {"object":"error","message":...,"code":404}; the RunPod handler: {"error":{"message":...}}
-  if body:find('^%s*{%s*"error"%s*:%s*{') or after_last(body, '"object"', '^%s*:%s*"(error)"') then
-    local message = body:match('"message"%s*:%s*"(.-)"%s*[,}]') or "the model worker failed"
-    local code = tonumber(body:match('"code"%s*:%s*(%d%d%d)'))
-    if code == nil or code < 400 or code > 599 then code = 502 end
-    return code, message
+local function scan_large(handle, length)
+  local seen, head, tail = 0, nil, {}
+  for chunk in handle:bodyChunks() do
+    local size = chunk:length()
+    if head == nil then head = chunk:getBytes(0, math.min(size, EDGE)) end
+    if seen + size > length - EDGE then
+      local from = math.max(length - EDGE - seen, 0)
+      tail[#tail + 1] = chunk:getBytes(from, size - from)
+    end
+    seen = seen + size
   end
-  return nil
+  record_usage(handle, (head or "") .. "\n" .. table.concat(tail))
 end
 
 -- From ext_authz's record (a JSON object whose client-chosen strings are escaped, so they cannot
@@ -113,20 +284,35 @@ function envoy_on_response(handle)
   if route ~= "runpod" and route ~= "managed" then return end
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
-  local content_type = headers:get("content-type") or ""
 
-  if status == 200 and content_type:find("text/event-stream", 1, true) then
-    scan_stream(handle)
-  elseif status == 200 then
+  if status == 200 then
+    local content_type = headers:get("content-type") or ""
+    if content_type:find("text/event-stream", 1, true) then
+      headers:remove("content-length") -- events change size as they are rewritten
+      rewrite_stream(handle)
+      return
+    end
+    local length = tonumber(headers:get("content-length"))
+    if length ~= nil and length > BUFFER_MAX then
+      scan_large(handle, length)
+      return
+    end
     local body = handle:body()
     local bytes = body:getBytes(0, body:length())
-    local code, message = worker_error(bytes)
+    local code, error = worker_error(bytes)
     if code then
-      replace(handle, code, error_body("The model worker returned an error: " .. message, "upstream_error",
-        "worker_error"))
+      replace(handle, code, error)
     else
       record_usage(handle, bytes)
     end
+  elseif (status == 401 or status == 403) and route == "managed" then
+    -- The platform's own key: nothing the customer can fix, so nothing to reconnect and no customer
+    -- credential to mark; operators see this line and envoy_cluster_upstream_rq{managed, 401|403}.
+    replace(handle, 503, error_body(
+      "The managed inference service is temporarily unavailable. Please retry later.",
+      "server_error", "service_unavailable"))
+    handle:logErr("managed destination: RunPod refused the platform's API key (HTTP " .. status
+      .. "); check GATEWAY_MANAGED_API_KEY")
   elseif status == 401 or status == 403 then
     replace(handle, 403, error_body(
       "RunPod rejected the API key linked to this workspace. Reconnect RunPod in Settings.",

@@ -22,6 +22,7 @@ from extauth import errors, hotstate, ratelimit, routes, upstream
 from extauth.decision import (
     ALLOW,
     BODY_BYTES_HEADER,
+    BODY_FACT_HEADER,
     CHOICES_HEADER,
     DENY,
     LOCAL,
@@ -103,22 +104,34 @@ class Checker:
         self._clock = hotstate.RedisClock(redis_timeout_s, check_budget_s)
         self._months = hotstate.MonthClock()
 
-    async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+    async def check(self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
-        the body's `model` as envoy/authz_request.lua hands it over."""
+        the body's `model` as envoy/authz_request.lua hands it over. `key_only`: Envoy's pre-check of a
+        large body (envoy.yaml, gateway.key_precheck): route and key, nothing counted or injected."""
         started = time.perf_counter()
         started_us = self._clock.now_us()
         model = headers.get(MODEL_HEADER)
         try:
-            decision = await self._check(method, path, headers, None if model is None else unquote(model), started_us)
+            decision = await self._check(
+                method, path, headers, None if model is None else unquote(model), started_us, key_only
+            )
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
-        self._metrics.decided(decision.kind, decision.error_code or "ok", time.perf_counter() - started)
+        if model is None and decision.error_code == "missing_model":  # say what is wrong with the body
+            decision = _deny(errors.bad_body(headers.get(BODY_FACT_HEADER)), decision.client_headers, decision.meta)
+        kind = "precheck" if key_only else decision.kind
+        self._metrics.decided(kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision
 
     async def _check(
-        self, method: str, raw_path: str, headers: Mapping[str, str], model: str | None, started_us: int
+        self,
+        method: str,
+        raw_path: str,
+        headers: Mapping[str, str],
+        model: str | None,
+        started_us: int,
+        key_only: bool = False,
     ) -> Decision:
         path = routes.split_path(raw_path)
         meta = {"route": path}
@@ -151,6 +164,12 @@ class Checker:
             return _deny(errors.invalid_api_key(), [], meta)
         meta["workspace_id"] = key.workspace_id
         meta["key_id"] = key.key_id
+        if key_only:
+            return Decision(ALLOW, meta=meta)
+        # Refused before the script call, so a request Envoy could not forward neither counts against
+        # the bucket nor holds a spend reservation.
+        if not upstream.fits_upstream(headers):
+            return _deny(errors.request_headers_too_large(), [], meta)
 
         # Under whichever view of the workspace the script call ends up using (a reload may bring a limit).
         size = None

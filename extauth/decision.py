@@ -36,6 +36,11 @@ MODEL_HEADER = "x-gateway-model"
 MAX_TOKENS_HEADER = "x-gateway-max-tokens"
 CHOICES_HEADER = "x-gateway-choices"
 BODY_BYTES_HEADER = "x-gateway-body-bytes"
+# Marks, as gRPC call metadata, Envoy's key pre-check of a large body (envoy.yaml gateway.key_precheck);
+# over HTTP the pre-check has its own path prefix instead.
+PRECHECK_METADATA = "x-gateway-precheck"
+# Set instead, by the same file, when the body has no string `model`: what is wrong with the body.
+BODY_FACT_HEADER = "x-gateway-body"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

@@ -20,9 +20,11 @@ class Denial:
     message: str
     type: str = INVALID_REQUEST
     headers: tuple[tuple[str, str], ...] = field(default=())
+    param: str | None = None
 
     def body(self) -> str:
-        return json.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}})
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": error})
 
 
 def _shown(value: str) -> str:
@@ -51,6 +53,37 @@ def method_not_allowed(method: str, path: str) -> Denial:
 
 def missing_model() -> Denial:
     return Denial(400, "missing_model", "You must provide a model parameter in a JSON request body.")
+
+
+# What envoy/authz_request.lua found wrong with a body that has no string `model` (x-gateway-body).
+_BODY_FACTS = {
+    "not_json": ("invalid_json", None, "The request body must be JSON, sent with `Content-Type: application/json`."),
+    "invalid_json": (
+        "invalid_json",
+        None,
+        "We could not parse the JSON body of your request: it is not valid JSON, or not encoded in UTF-8.",
+    ),
+    "not_object": ("invalid_json", None, "The request body must be a JSON object, not an array or a bare value."),
+    "model_type": ("invalid_type", "model", "Invalid type for 'model': expected a string."),
+}
+
+
+def bad_body(fact: str | None) -> Denial:
+    """A body without a usable `model`: what is wrong with it, if the gateway could tell."""
+    known = _BODY_FACTS.get(fact or "")
+    if known is None:
+        return missing_model()
+    code, param, message = known
+    return Denial(400, code, message, param=param)
+
+
+def request_headers_too_large() -> Denial:
+    return Denial(
+        431,
+        "request_headers_too_large",
+        "The request carries too many or too large headers for this gateway: at most 85 headers and "
+        "59 KiB in all.",
+    )
 
 
 def model_not_found(model: str) -> Denial:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauth.checker import Checker
 from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
-from extauth.decision import ALLOW, META_KEY, Decision
+from extauth.decision import ALLOW, META_KEY, PRECHECK_METADATA, Decision
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -75,7 +75,9 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         if not self._secret.admits(_presented(context)):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED.message)
         http = request.attributes.request.http
-        return render(await self._checker.check(http.method, http.path, http.headers))
+        # Envoy's pre-check of a large body says so in the call's metadata (README, "The gRPC transport").
+        key_only = any(name == PRECHECK_METADATA for name, _ in context.invocation_metadata() or ())
+        return render(await self._checker.check(http.method, http.path, http.headers, key_only))
 
 
 class GuardedHealth(health.aio.HealthServicer):  # type: ignore[misc]

@@ -8,6 +8,9 @@ Envoy adds; anything else gets 403 and nothing more):
   `authorization` and `x-gateway-model` are read; the other names become the removal list) and no body.
   Status 200 allows, any other status is the client's answer with this body (Envoy's HTTP ext_authz
   contract); headers map as extauth/decision.py describes.
+- `<method> /precheck/<client path>`: the pre-check of a large body (envoy/envoy.yaml,
+  `gateway.key_precheck`): the route and the key only, before Envoy waits for the body; 200 allows
+  and changes nothing.
 - `GET /_gateway/models/<workspace>[/<model>]`: the `/v1/models` answers, reached only through the
   route ext_authz itself picked for an allowed models request (destination `local`).
 - `GET /health`: 200 while serving, 503 once draining (Envoy's active health check). Refused without
@@ -32,6 +35,7 @@ from extauth.state import StateStore
 log = logging.getLogger("extauth")
 
 CHECK_PREFIX = "/check"
+PRECHECK_PREFIX = "/precheck"
 HEALTH_PATH = "/health"
 # Envoy refuses client header blocks over 60 KiB, so a check request is always smaller than this.
 _MAX_HEAD = 96 * 1024
@@ -77,8 +81,8 @@ class CheckService:
         self.serving = True
         self.connections: set[CheckConnection] = set()
 
-    async def check(self, method: str, path: str, headers: dict[str, str]) -> bytes:
-        return render(await self.checker.check(method, path, headers))
+    async def check(self, method: str, path: str, headers: dict[str, str], key_only: bool = False) -> bytes:
+        return render(await self.checker.check(method, path, headers, key_only))
 
     async def models(self, path: str) -> bytes:
         workspace_id, _, model = path[len(LOCAL_MODELS_PATH) :].partition("/")
@@ -133,7 +137,9 @@ class CheckConnection(asyncio.Protocol):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > _MAX_HEAD:
-                self._finish(_plain(431, "request header block too large"), close=True)
+                # Envoy would relay it to the client as the check's answer: in OpenAI's shape.
+                too_large = errors.request_headers_too_large().body()
+                self._finish(_plain(431, too_large, "application/json"), close=True)
             return
         head = self._buffer[:end].decode("latin-1")
         request_line, *header_lines = head.split("\r\n")
@@ -164,6 +170,8 @@ class CheckConnection(asyncio.Protocol):
             self._finish(_refused())
         elif target.startswith(CHECK_PREFIX + "/"):
             self._run(self._service.check(method, target[len(CHECK_PREFIX) :], headers))
+        elif target.startswith(PRECHECK_PREFIX + "/"):
+            self._run(self._service.check(method, target[len(PRECHECK_PREFIX) :], headers, key_only=True))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":
             self._run(self._service.models(target))
         elif target == HEALTH_PATH:

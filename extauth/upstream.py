@@ -9,9 +9,18 @@ x-envoy-* retry or timeout controls, forwarded-for chains) reaches routing or th
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
+from extauth.decision import (
+    BODY_BYTES_HEADER,
+    BODY_FACT_HEADER,
+    CHOICES_HEADER,
+    DESTINATION_HEADER,
+    LOCAL_DESTINATION,
+    MAX_TOKENS_HEADER,
+    MODEL_HEADER,
+    PATH_HEADER,
+)
 
 # Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
 # absent: compressed responses would hide usage from the access log.
@@ -20,6 +29,27 @@ FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent",
 # is the request's authority (rewritten per cluster). The injected headers are overwritten, never
 # removed: a removal would apply after the overwrite.
 _KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER}
+
+
+# Envoy holds a request's headers to its own limits (envoy.yaml: 100 headers, 60 KiB) also while
+# ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
+# with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
+# answer add: the check request counts Envoy's additions already, the answer adds two headers and
+# at most a few hundred bytes (credential, path).
+MAX_CHECKED_HEADERS = 94
+MAX_CHECKED_HEADER_BYTES = 59 * 1024
+# The body's facts envoy/authz_request.lua adds (a model and up to three sizes, or what is wrong with
+# the body). Room is kept for all of them whatever this request carries, so the limit a client meets
+# does not depend on its body: 85 headers of its own, with the 7 a plain HTTP client adds.
+_FACT_HEADERS = frozenset({MODEL_HEADER, BODY_BYTES_HEADER, MAX_TOKENS_HEADER, CHOICES_HEADER, BODY_FACT_HEADER})
+_MOST_FACTS = 4
+
+
+def fits_upstream(headers: Mapping[str, str]) -> bool:
+    own = sum(1 for name in headers if name not in _FACT_HEADERS)
+    return own + _MOST_FACTS <= MAX_CHECKED_HEADERS and sum(map(len, headers)) + sum(
+        map(len, headers.values())
+    ) <= MAX_CHECKED_HEADER_BYTES
 
 
 def headers_to_remove(client_headers: Iterable[str]) -> list[str]:

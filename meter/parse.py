@@ -20,6 +20,14 @@ _INT4_MAX = 2**31 - 1
 _INT8_MAX = 2**63 - 1
 _ABSENT = (None, "-", "")
 _CLIENT_ABORTED = "DC"  # Envoy response flag: downstream connection terminated
+# gateway.lua's `usage_source`: "final" figures are the upstream's own; "partial" ones its cumulative
+# count as of the last chunk that reached the client; "counted" ones the content events the client got.
+_FINAL = "final"
+_METERED_DESTINATIONS = ("runpod", "managed")
+# The prompt estimate when no upstream figure arrived: request body bytes per token. English text runs
+# about 4 characters a token for the tokenizers served here; the JSON around the messages is counted
+# too, so the estimate errs on the high side for short prompts (README, "How usage is estimated").
+BYTES_PER_TOKEN = 4
 
 
 class UsageRecord(NamedTuple):
@@ -99,14 +107,18 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
     flags = _text(entry, "flags")
     prompt_tokens = _int(entry, "prompt_tokens", _INT4_MAX)
     completion_tokens = _int(entry, "completion_tokens", _INT4_MAX)
-    # A streamed response the client hung up on never reached its usage chunk: the request did use
-    # tokens, so the row says the zero is a guess. Any other missing usage (errors, denials) is a real 0.
-    usage_estimated = (
-        (prompt_tokens is None or completion_tokens is None)
-        and status == 200
-        and flags is not None
-        and _CLIENT_ABORTED in flags.split(",")
-    )
+    if "usage_source" in entry:
+        prompt_tokens, completion_tokens, usage_estimated = _best_figures(
+            entry, status, prompt_tokens, completion_tokens)
+    else:
+        # Lines from a config without `usage_source`: a streamed response the client hung up on never
+        # reached its usage chunk, so the row says the zero is a guess.
+        usage_estimated = (
+            (prompt_tokens is None or completion_tokens is None)
+            and status == 200
+            and flags is not None
+            and _CLIENT_ABORTED in flags.split(",")
+        )
     return UsageRecord(
         request_id=request_id,
         start_time=_time(entry, "start_time"),
@@ -127,6 +139,25 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
         bytes_received=_int(entry, "bytes_received", _INT8_MAX),
         bytes_sent=_int(entry, "bytes_sent", _INT8_MAX),
     )
+
+
+def _best_figures(
+    entry: dict[str, Any], status: int | None, prompt_tokens: int | None, completion_tokens: int | None
+) -> tuple[int | None, int | None, bool]:
+    """(prompt, completion, estimated) for a request, however its client left.
+
+    A request that reached an endpoint and was not answered with an error was served (or was being
+    served when the client, a timeout or a reset ended it): unless the upstream's final figures arrived,
+    it gets the best figures there are, marked estimated. Errors, denials and requests that never reached
+    an endpoint keep a real 0."""
+    source = _text(entry, "usage_source")
+    reached = _text(entry, "upstream_host") is not None and _text(entry, "destination") in _METERED_DESTINATIONS
+    if source == _FINAL or not reached or status is None or status >= 400:
+        return prompt_tokens, completion_tokens, False
+    if prompt_tokens is None:
+        body = _int(entry, "bytes_received", _INT8_MAX) or 0
+        prompt_tokens = min(-(-body // BYTES_PER_TOKEN), _INT4_MAX)
+    return prompt_tokens, completion_tokens, True
 
 
 def _text(entry: dict[str, Any], key: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -14,7 +15,7 @@ import pytest
 
 from control import credentials
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call, envoy_copy
+from tests.support import call, envoy_copy, wait_until
 
 
 def chat(gateway: Gateway, key: str, model: str) -> openai.types.chat.ChatCompletion:
@@ -218,12 +219,14 @@ def short_cold_start(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
     gateway: Gateway,
 ) -> Iterator[Gateway]:
-    # An operator's copy of envoy/ with the cold-start allowance (the runpod route's timeout) cut to 1 s.
+    # An operator's copy of envoy/ with the cold-start allowance (the runpod route's time to first byte)
+    # cut to 1 s.
     root = tmp_path_factory.mktemp("cold-start")
     config = envoy_copy(root)
     text = config.read_text()
-    assert text.count("timeout: 600s") == 2
-    config.write_text(text.replace("timeout: 600s", "timeout: 1s", 1))
+    assert text.count("per_try_timeout: 600s") == 2 and text.count("idle_timeout: 300s") == 2
+    config.write_text(text.replace("per_try_timeout: 600s", "per_try_timeout: 1s", 1)
+                      .replace("idle_timeout: 300s", "idle_timeout: 2s", 1))
     (root / "gw").mkdir()
     yield from start_gateway(root / "gw", database_url, redis_url, simulator.url,
                              {"GATEWAY_ENVOY_CONFIG": str(config),
@@ -241,6 +244,44 @@ def test_cold_start_past_the_allowance_points_to_the_runpod_console(
     error = reply.json()["error"]
     assert error["code"] == "upstream_unavailable"
     assert "Check the endpoint in your RunPod console" in error["message"]
+
+
+def test_a_stream_longer_than_the_allowance_completes(
+    short_cold_start: Gateway, simulator: Simulator, gateway: Gateway
+) -> None:
+    t = make_tenant(gateway, simulator)
+    # 9 events 300 ms apart: 2.4 s of streaming against a 1 s allowance, each silence far below idle_timeout.
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{t.deployments[t.chat_model]}", {"stream_delay_ms": 300})
+    sdk = openai.OpenAI(base_url=short_cold_start.base_url, api_key=t.api_key, max_retries=0)
+    started = time.monotonic()
+    chunks = list(sdk.chat.completions.create(
+        model=t.chat_model, messages=[{"role": "user", "content": "a b c d e f g"}], stream=True))
+    assert time.monotonic() - started > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: a b c d e f g"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stream_silent_past_the_idle_timeout_is_cut_and_still_metered(
+    short_cold_start: Gateway, simulator: Simulator, gateway: Gateway
+) -> None:
+    t = make_tenant(gateway, simulator)
+    call("PATCH", f"{simulator.url}/_sim/endpoints/{t.deployments[t.chat_model]}", {"stream_delay_ms": 2500})
+    sdk = openai.OpenAI(base_url=short_cold_start.base_url, api_key=t.api_key, max_retries=0)
+    received = []
+    with pytest.raises(openai.APIError):  # the stream breaks while it is read
+        for chunk in sdk.chat.completions.create(
+                model=t.chat_model, messages=[{"role": "user", "content": "a b c"}], stream=True):
+            received.append(chunk)
+    assert len(received) == 1  # cut in the first silence
+
+    def row() -> tuple[int, int, bool] | None:
+        with gateway.context() as ctx:
+            found = ctx.db.execute("SELECT prompt_tokens, completion_tokens, usage_estimated FROM usage_events"
+                                   " WHERE workspace_id = %s", (t.workspace_id,)).fetchall()
+        return found[0] if found else None
+
+    wait_until(lambda: row() is not None, 20, "the cut stream's row")
+    assert row() == (3, 1, True)  # the upstream's own count as far as it got, marked estimated
 
 
 def test_a_refusal_is_confirmed_before_a_working_key_is_taken_out(gateway: Gateway, simulator: Simulator) -> None:

@@ -534,3 +534,33 @@ def test_authz_facts_and_older_flat_lines_parse_alike() -> None:
     assert all(isinstance(r, UsageRecord) for r in records)
     assert records[0] == records[1]
     assert records[0].workspace_id == "ws_abc" and records[0].deployment_id == "dep_abc"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # The upstream's final figures: exact, whatever the flags say.
+        ({"usage_source": "final", "flags": "DC"}, (12, 7, False)),
+        # Its cumulative figures as of a cut (client reset, HTTP/2 DR): kept, marked estimated.
+        ({"usage_source": "partial", "flags": "DR"}, (12, 7, True)),
+        # Content events counted, no prompt figure: the prompt from the body size (120 bytes / 4).
+        ({"usage_source": "counted", "prompt_tokens": None, "completion_tokens": 3, "flags": "DC"}, (30, 3, True)),
+        # Gone before the first byte (status 0) after reaching the endpoint: the prompt was still read.
+        ({"usage_source": None, "status": 0, "prompt_tokens": None, "completion_tokens": None, "flags": "DC"},
+         (30, 0, True)),
+        # Never reached an endpoint, or answered with an error: a real zero.
+        ({"usage_source": None, "status": 0, "upstream_host": None, "prompt_tokens": None,
+          "completion_tokens": None}, (0, 0, False)),
+        ({"usage_source": None, "status": 504, "flags": "UT", "prompt_tokens": None, "completion_tokens": None},
+         (0, 0, False)),
+        ({"usage_source": None, "destination": "local", "prompt_tokens": None, "completion_tokens": None},
+         (0, 0, False)),
+    ],
+    ids=["final", "partial", "counted", "before-first-byte", "never-reached", "timed-out", "local"],
+)
+def test_best_figures_for_every_way_a_request_ends(fields: dict[str, Any], expected: tuple[int, int, bool]) -> None:
+    from meter.parse import UsageRecord, parse_line
+
+    record = parse_line(json.dumps(entry(**fields)).encode())
+    assert isinstance(record, UsageRecord)
+    assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == expected

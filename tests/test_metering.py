@@ -48,10 +48,21 @@ def test_tokens_recorded_equal_what_the_upstream_sent(gateway: Gateway, tenant: 
         reply = client.chat.completions.create(model=tenant.chat_model, messages=[{"role": "user", "content": words}])
         assert reply.usage is not None
         sent.append((reply.usage.prompt_tokens, reply.usage.completion_tokens))
-        # Streamed, without asking for usage: the deployment forces it into the stream for the meter.
+        # Streamed, without asking for usage: the deployment forces it into the stream for the meter,
+        # and the client gets the stream OpenAI would send (no usage, no `choices: []` chunk).
+        content = words + " x"
         chunks = list(client.chat.completions.create(
-            model=tenant.chat_model, messages=[{"role": "user", "content": words + " x"}], stream=True))
+            model=tenant.chat_model, messages=[{"role": "user", "content": content}], stream=True))
+        assert not any(c.usage for c in chunks) and all(c.choices[0] for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: " + content
+        sent.append((len(content.split()), len(content.split()) + 1))  # the simulator counts words
+        # Asked for usage: exactly one usage chunk, the last, as OpenAI sends it.
+        chunks = list(client.chat.completions.create(
+            model=tenant.chat_model, messages=[{"role": "user", "content": words}], stream=True,
+            stream_options={"include_usage": True}))
         [usage] = [c.usage for c in chunks if c.usage]
+        assert chunks[-1].usage is usage and chunks[-1].choices == []
+        assert all(c.choices for c in chunks[:-1])
         sent.append((usage.prompt_tokens, usage.completion_tokens))
     emb = client.embeddings.create(model=tenant.embedding_model, input=["a b c", "d"])
     sent.append((emb.usage.prompt_tokens, 0))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -250,6 +248,9 @@ def test_chat_completions(sim: str) -> None:
     forced = f"{sim}/v2/{forced_ep['id']}"
     chunks = sse(call("POST", f"{forced}/openai/v1/chat/completions", stream, key))
     assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    # Forced usage (vllm/entrypoints/utils.py should_include_usage): cumulative in every chunk too.
+    assert chunks[-1]["choices"] == [] and all("usage" in c for c in chunks)
+    assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == [1, 2, 3, 4, 4]
 
 
 def test_completions(sim: str) -> None:
@@ -268,24 +269,60 @@ def test_completions(sim: str) -> None:
 
 
 def test_embeddings_models_and_errors(sim: str) -> None:
+    # worker-infinity-embedding 1.1.4: floats whatever encoding_format says, errors as HTTP 200 objects.
     _, key = new_account(sim)
-    base = f"{sim}/v2/{new_endpoint(sim, key, {'MODEL_NAMES': 'BAAI/bge-small;e5'})['id']}/openai/v1"
+    eid = new_endpoint(sim, key, {'MODEL_NAMES': 'BAAI/bge-small;e5'})['id']
+    base = f"{sim}/v2/{eid}/openai/v1"
     models = call("GET", f"{base}/models", key=key).json()
     assert [m["id"] for m in models["data"]] == ["BAAI/bge-small", "e5"]
+    assert models["data"][0]["owned_by"] == "infinity"
     floats = call("POST", f"{base}/embeddings", {"model": "e5", "input": ["a b c", "d"]}, key).json()
     assert floats["object"] == "list" and floats["model"] == "e5"
     assert floats["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
     assert [d["index"] for d in floats["data"]] == [0, 1] and len(floats["data"][0]["embedding"]) == 8
-    b64 = call("POST", f"{base}/embeddings", {"model": "e5", "input": "a b c", "encoding_format": "base64"},
-               key).json()
-    decoded = list(struct.unpack("<8f", base64.b64decode(b64["data"][0]["embedding"])))
-    assert decoded == floats["data"][0]["embedding"]
+    asked_base64 = call("POST", f"{base}/embeddings",
+                        {"model": "e5", "input": "a b c", "encoding_format": "base64"}, key).json()
+    assert asked_base64["data"][0]["embedding"] == floats["data"][0]["embedding"]
     unknown = call("POST", f"{base}/embeddings", {"model": "x", "input": "a"}, key)
     assert unknown.status == 200
-    assert unknown.json() == {"code": 404, "message": "The model `x` does not exist.", "object": "error",
-                              "param": None, "type": "NotFoundError"}
-    invalid = call("POST", f"{base}/chat/completions", raw=b"{not json", key=key)
+    assert unknown.json()["object"] == "error" and unknown.json()["code"] == 400
+    assert "`x` not found" in unknown.json()["message"]
+    chat = call("POST", f"{base}/chat/completions", {"model": "e5", "messages": []}, key)
+    assert chat.status == 200 and chat.json()["message"] == "Invalid OpenAI Route: /v1/chat/completions"
+    invalid = call("POST", f"{base}/embeddings", raw=b"{not json", key=key)
     assert invalid.status == 400 and invalid.json()["error"]["message"]
+
+    one = new_endpoint(sim, key, {'MODEL_NAMES': 'BAAI/bge-small'})['id']
+    any_name = call("POST", f"{sim}/v2/{one}/openai/v1/embeddings", {"model": "whatever", "input": "a"}, key)
+    assert any_name.json()["model"] == "whatever" and len(any_name.json()["data"]) == 1
+    call("PATCH", f"{sim}/_sim/endpoints/{one}", {"embedding_dim": 3072})
+    wide = call("POST", f"{sim}/v2/{one}/openai/v1/embeddings", {"model": "m", "input": ["a", "b"]}, key).json()
+    assert [len(d["embedding"]) for d in wide["data"]] == [3072, 3072]
+
+
+def test_vllm_errors_are_wrapped_by_the_worker(sim: str) -> None:
+    _, key = new_account(sim)
+    eid = new_endpoint(sim, key, {"MODEL_NAME": "org/m", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "m"})["id"]
+    url, knobs = f"{sim}/v2/{eid}/openai/v1/chat/completions", f"{sim}/_sim/endpoints/{eid}"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    unknown = call("POST", url, {**chat, "model": "nope"}, key)
+    assert unknown.status == 200 and unknown.content_type == "application/json"
+    error = unknown.json()["error"]
+    assert (error["type"], error["code"]) == ("worker_error", None)
+    prefix = "vLLM returned HTTP 404: "
+    assert error["message"].startswith(prefix)
+    assert json.loads(error["message"][len(prefix):]) == {"error": {
+        "message": "The model `nope` does not exist.", "type": "NotFoundError", "param": None, "code": 404}}
+    for fail, status in (("vllm_context_length", 400), ("vllm_bad_parameter", 400), ("vllm_unprocessable", 422),
+                         ("vllm_internal", 500)):
+        call("PATCH", knobs, {"fail": fail})
+        reply = call("POST", url, chat, key)
+        assert reply.status == 200 and reply.json()["error"]["message"].startswith(f"vLLM returned HTTP {status}: ")
+        streamed = call("POST", url, {**chat, "stream": True}, key)  # one JSON object, not SSE
+        assert streamed.json() == reply.json() and streamed.content_type == "application/json"
+    call("PATCH", knobs, {"stream_error_content_type": "text/event-stream"})
+    streamed = call("POST", url, {**chat, "stream": True}, key)
+    assert streamed.content_type == "text/event-stream" and streamed.json()["error"]["type"] == "worker_error"
 
 
 def test_openai_sdk(sim: str) -> None:
@@ -307,6 +344,7 @@ def test_openai_sdk(sim: str) -> None:
         assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 3
         emb = client.embeddings.create(model="llama", input="a b")  # the SDK asks for base64 by default
         assert len(emb.data[0].embedding) == 8 and emb.usage.prompt_tokens == 2
+        assert all(isinstance(v, float) for v in emb.data[0].embedding)
         with openai.OpenAI(api_key="rpa_never_issued", base_url=client.base_url, max_retries=0) as stranger, \
                 pytest.raises(openai.AuthenticationError):
             stranger.models.list()

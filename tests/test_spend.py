@@ -219,9 +219,10 @@ def test_two_gateway_nodes_share_one_limit_and_their_meters_count_once(
     tmp_path_factory: pytest.TempPathFactory, gateway: Gateway, simulator: Simulator, redis_server: Redis
 ) -> None:
     # A second node (its own Envoy, two ext_authz replicas and meter, on its own access log) on the same
-    # Redis and PostgreSQL.
+    # Redis and PostgreSQL, signing managed traffic with the same platform key.
     nodes = start_gateway(tmp_path_factory.mktemp("gw-node2"), gateway.env["DATABASE_URL"], redis_server.url,
-                          simulator.url, {"EXTAUTH_REPLICAS": "2"})
+                          simulator.url, {"EXTAUTH_REPLICAS": "2",
+                                          "GATEWAY_MANAGED_API_KEY": gateway.env["GATEWAY_MANAGED_API_KEY"]})
     other = next(nodes)
     try:
         s = make_spender(gateway, simulator)

@@ -34,12 +34,12 @@ def test_any_model_string_gets_model_not_found_with_the_name_echoed(
     assert "x-injected" not in {k.lower() for k in reply.headers}
 
 
-def test_a_model_that_is_not_a_string_is_a_missing_model(gateway: Gateway, tenant: Tenant) -> None:
+def test_a_model_that_is_not_a_string_is_refused_as_such(gateway: Gateway, tenant: Tenant) -> None:
     for model in (None, 5, ["x"], {"x": 1}):
         body = {"messages": []} if model is None else {"model": model, "messages": []}
         reply = call("POST", f"{gateway.base_url}/chat/completions", body, key=tenant.api_key)
-        assert reply.status in (400, 404), (model, reply.body)
-        assert reply.json()["error"]["code"] in ("missing_model", "model_not_found")
+        assert reply.status == 400, (model, reply.body)
+        assert reply.json()["error"]["code"] == ("missing_model" if model is None else "invalid_type")
 
 
 def test_forged_transport_headers_change_nothing(gateway: Gateway, simulator: Simulator, tenant: Tenant) -> None:
@@ -104,6 +104,12 @@ def test_the_grpc_setting_renders_the_grpc_blocks_of_the_shipped_file(grpc_gatew
     [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
     assert "http_service" not in authz["typed_config"]
     assert authz["typed_config"]["grpc_service"] == blocks["grpc_service"]
+    # The pre-check of large bodies is the same service, marked as the pre-check, with the secret too.
+    [precheck] = [f for f in hcm["http_filters"] if f["name"] == "gateway.key_precheck"]
+    precheck_authz = precheck["typed_config"]["extension_config"]["typed_config"]
+    assert "http_service" not in precheck_authz
+    metadata = {m["key"]: m["value"] for m in precheck_authz["grpc_service"]["initial_metadata"]}
+    assert metadata == {"x-gateway-secret": "%ENVIRONMENT(GATEWAY_EXTAUTH_SECRET)%", "x-gateway-precheck": "1"}
     assert cluster["health_checks"][0]["grpc_health_check"] == blocks["grpc_health_check"]
     assert "http_health_check" not in cluster["health_checks"][0]
     [shipped_cluster] = [c for c in shipped["static_resources"]["clusters"] if c["name"] == "extauth"]
@@ -122,6 +128,11 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     assert chunks
     assert sorted(m.id for m in sdk.models.list()) == sorted([t.chat_model, t.embedding_model])
     assert sdk.models.retrieve(t.embedding_model).id == t.embedding_model
+    long = [{"role": "system", "content": "x" * 200_000}, {"role": "user", "content": "long"}]  # pre-checked
+    assert sdk.chat.completions.create(model=t.chat_model, messages=long).choices[0].message.content == "Echo: long"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=grpc_gateway.base_url, api_key="sk-gw-wrong", max_retries=0).chat.completions.create(
+            model=t.chat_model, messages=long)
     with pytest.raises(openai.NotFoundError) as info:
         sdk.chat.completions.create(model="nope\x7f", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found"
@@ -134,9 +145,10 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     def logged() -> list[dict[str, object]]:
         return [line for line in grpc_gateway.access_log() if line.get("workspace_id") == t.workspace_id]
 
-    wait_until(lambda: {line.get("decision") for line in logged()} >= {"allow", "local"}, 5, "the log lines")
+    # Every line the test expects, not just the first ones: the access log is flushed in batches.
+    wait_until(lambda: {line.get("decision") for line in logged()} >= {"allow", "local"}
+               and {line.get("error_code") for line in logged()} >= {"model_not_found"}, 10, "the log lines")
     assert any(line.get("prompt_tokens") for line in logged())
-    assert {line.get("error_code") for line in logged()} >= {"model_not_found"}
 
 
 def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
