@@ -27,7 +27,7 @@ import openai
 import pytest
 import redis
 
-from control import apikeys, usage
+from control import apikeys, usage, usage_html
 from control.net import free_port, wait_for_port
 from control.plans import PLANS, in_force
 from control.settings import read_runtime
@@ -361,6 +361,8 @@ def test_active_tier_warm_workers_dry_run_cost_and_base_fee(
     assert (oct_["base_fee_usd"], oct_["base_fees"]) == ("0.000000", [])
     text_report = usage.render_text(result)
     assert f"base fee warm-chat ({dep['id']}, 1 warm): $94.833335 for 5 days at $569.00/month" in text_report
+    page = usage_html.render(result, t.workspace_id)  # the HTML view charts the same figures
+    assert "Active tier base fees (prorated per day)" in page and dep["id"] in page
     # The CLI's JSON carries it for the current period too.
     current = gateway.ctl_json("usage", t.workspace_id)["periods"][0]
     assert [f["deployment_id"] for f in current["base_fees"]] == [dep["id"]]
