@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, usage, workspaces
+from control import credentials, deployments, hf_tokens, keys, pricing, spend, stack, tiers, usage, workspaces
 from control.context import Context, open_context
 from control.crypto import CryptoError
 from control.env import SettingsError
@@ -43,6 +43,7 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
         gpu_pools=tuple(a.gpu or ("ADA_24",)), workers_max=a.workers_max,
         idle_timeout_s=a.idle_timeout, wait_timeout_s=a.wait_timeout, destination=a.destination,
         max_model_len=a.max_model_len, params_b=a.params, disk_gb=a.disk, init_timeout_s=a.init_timeout,
+        tier=a.tier, min_workers=a.min_workers,
     )
     if a.dry_run:
         plan = deployments.dry_run(ctx, a.workspace, opts, a.utilization)
@@ -68,8 +69,9 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("workspace", "show"): lambda ctx, a: workspaces.show(ctx, a.workspace),
     ("workspace", "create"): lambda ctx, a: workspaces.create(ctx, a.name, a.plan),
     ("workspace", "set-plan"): lambda ctx, a: workspaces.set_plan(
-        ctx, a.workspace, a.plan, a.rpm_default, a.rpm_ceiling
+        ctx, a.workspace, a.plan, a.rpm_default, a.rpm_ceiling, a.now
     ),
+    ("workspace", "cancel-plan-change"): lambda ctx, a: workspaces.cancel_plan_change(ctx, a.workspace),
     ("keys", "create"): lambda ctx, a: keys.create(ctx, a.workspace, a.name, a.rpm),
     ("keys", "list"): lambda ctx, a: {"keys": keys.list_keys(ctx, a.workspace)},
     ("keys", "revoke"): lambda ctx, a: keys.revoke(ctx, a.key_id),
@@ -148,17 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
         "create a workspace on a plan", "gatewayctl workspace create acme --plan pro",
         about="Plans (a key's requests per minute by default, its burst, and the most it may be given):\n" + "\n".join(
             f"  {n:<11} {pl.rpm_default}/min, burst {burst(pl.rpm_default)}, up to {pl.rpm_ceiling}/min"
-            f"{'' if pl.can_mint_keys else '; no API keys'}{'' if pl.byoc_allowed else '; no own RunPod account'}"
+            f"{'' if pl.can_mint_keys else '; no API keys'}{'' if pl.can_deploy else '; no deploys'}"
+            f"{'' if pl.byoc_allowed else '; no own RunPod account'}"
             for n, pl in PLANS.items())))
     p.add_argument("name", help="a unique name, 1 to 100 characters")
     p.add_argument("--plan", choices=list(PLANS), required=True, help="see the plans above")
     p = ws.add_parser("set-plan", parents=[common], **_doc(
-        "change a workspace's plan", "gatewayctl workspace set-plan acme team",
-        "gatewayctl workspace set-plan acme enterprise --rpm-default 20000 --rpm-ceiling 50000"))
+        "change a workspace's plan: upgrades at once, downgrades at the next billing period",
+        "gatewayctl workspace set-plan acme team",
+        "gatewayctl workspace set-plan acme starter         # pending until the 1st of next month, UTC",
+        "gatewayctl workspace set-plan acme starter --now   # operator: applies at once",
+        "gatewayctl workspace set-plan acme enterprise --rpm-default 20000 --rpm-ceiling 50000",
+        about="The billing period is the calendar month in UTC. An upgrade (or the same plan) applies on the\n"
+        "next request and drops a pending downgrade. A downgrade is recorded as pending (pending_plan and\n"
+        "pending_plan_effective_at) and takes effect at the start of the next period on every gateway,\n"
+        "with the lower plan's key ceilings and bring-your-own-RunPod rule; `cancel-plan-change` drops it."))
     p.add_argument("workspace", help=WS)
     p.add_argument("plan", choices=list(PLANS), help="the new plan")
+    p.add_argument("--now", action="store_true", help="apply a downgrade at once instead of at the next period")
     p.add_argument("--rpm-default", type=int, help="enterprise only: a new key's requests per minute")
     p.add_argument("--rpm-ceiling", type=int, help="enterprise only: the most a key may be given")
+
+    p = ws.add_parser("cancel-plan-change", parents=[common], **_doc(
+        "drop a pending downgrade", "gatewayctl workspace cancel-plan-change acme"))
+    p.add_argument("workspace", help=WS)
 
     p = ws.add_parser("set-spend-limit", parents=[common], **_doc(
         "monthly cap on managed inference spend", "gatewayctl workspace set-spend-limit acme 250",
@@ -234,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", parents=[common], **_doc(
         "deploy a model on the workspace's RunPod",
         "gatewayctl deploy acme --model Qwen/Qwen2.5-0.5B-Instruct --modality llm --name chat",
-        "gatewayctl deploy acme --model BAAI/bge-small-en-v1.5 --modality embedding --dry-run"))
+        "gatewayctl deploy acme --model BAAI/bge-small-en-v1.5 --modality embedding --dry-run",
+        "gatewayctl deploy acme --model org/m --modality image --destination managed --tier active --min-workers 2 "
+        "--dry-run",
+        about="Tiers: flex (default) scales to zero when idle; active keeps --min-workers warm on the managed\n"
+        "destination for a flat monthly base fee per warm worker by GPU pool (control/tier_fees.json),\n"
+        "prorated per day in `gatewayctl usage`. Your own RunPod account is Flex only."))
     p.add_argument("workspace", help=WS)
     p.add_argument("--model", required=True, help="Hugging Face model id")
     p.add_argument("--modality", required=True, choices=["llm", "embedding", "image", "speech", "voice"],
@@ -242,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model name clients send (default: --model)")
     p.add_argument("--destination", choices=["runpod", "managed"], default="runpod",
                    help="the workspace's own RunPod account (default) or the managed destination")
+    p.add_argument("--tier", choices=list(tiers.TIERS), default="flex",
+                   help="flex: scale to zero (default); active: keep workers warm (managed only, base fee)")
+    p.add_argument("--min-workers", type=int, help="active: workers kept warm (default 1, at most --workers-max)")
     p.add_argument("--gpu", action="append", help="GPU pool, in order of preference (default ADA_24)")
     p.add_argument("--workers-max", type=int, default=3, help="most workers the endpoint scales to (default 3)")
     p.add_argument("--idle-timeout", type=int, default=5, help="seconds before an idle worker stops")
@@ -257,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: sized for the model, at least 800)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be created (readable text, or JSON with --json), its memory estimate "
-                   "and projected cost; a Hugging Face token shows masked")
+                   "and projected monthly cost (base fee + usage estimate); a Hugging Face token shows masked")
     p.add_argument("--price-input", type=Decimal, help="managed: USD per million input tokens (default: catalog)")
     p.add_argument("--price-output", type=Decimal, help="managed: USD per million output tokens (default: catalog)")
     p.add_argument("--utilization", type=float, default=0.1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,6 +26,15 @@ class Context:
     db: DB
     redis: SyncRedis
     keyring: Keyring
+
+    @property
+    def clock_offset(self) -> timedelta:
+        return timedelta(seconds=self.settings.clock_offset_s)
+
+    def now(self) -> datetime:
+        """The control plane's clock (GATEWAY_CLOCK_OFFSET_S ahead of the host's). Stored instants stay in
+        real time, which ext_authz and Redis compare against: subtract `clock_offset` before storing."""
+        return datetime.now(UTC) + self.clock_offset
 
     def runpod(self, api_key: str) -> RunPodClient:
         return RunPodClient(self.settings.runpod_api_url, api_key, self.settings.runpod_inference_url)

@@ -1,5 +1,5 @@
-"""Deploying models as serverless endpoints on the workspace's own RunPod account (REST v2), their
-status and teardown.
+"""Deploying models as serverless endpoints on the workspace's own RunPod account or the managed
+destination (REST v2), in the Flex or Active tier (control/tiers.py), their status and teardown.
 
 A deploy is safe to retry: its row is written first (state `creating`) and the RunPod template and
 endpoint are named after the row's id, so a retry after a crash finds what the first attempt created
@@ -12,14 +12,16 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from control import credentials, hf_tokens, hotsync, pricing, readiness, workspaces
+from control import credentials, hf_tokens, hotsync, pricing, readiness, tiers, workspaces
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
+from control.money import usd
 from control.plans import BYOC_MODALITIES, PLANS
 from control.runpod_client import RunPodClient
 from control.sizing import Sizing, size
@@ -54,6 +56,8 @@ class DeployOptions:
     params_b: float | None = None  # billions of parameters, when the model's name does not say
     disk_gb: int | None = None
     init_timeout_s: int | None = None
+    tier: str = "flex"
+    min_workers: int | None = None  # Active: warm workers (default 1)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class _Plan:
     hf_source: str
     pools: list[dict[str, Any]]
     warnings: tuple[str, ...]
+    min_workers: int = 0  # warm workers: 0 for Flex
+    fee_per_worker: Decimal = Decimal(0)  # Active base fee, USD a month
+    fee_month: Decimal = Decimal(0)
 
 
 def _template_body(name: str, opts: DeployOptions, plan: _Plan, hf_token: str | None) -> dict[str, Any]:
@@ -96,14 +103,15 @@ def _endpoint_body(name: str, template_id: str, opts: DeployOptions, plan: _Plan
         "templateId": template_id,
         # The template's CUDA set would seed this too; stated so the endpoint says what it needs.
         "gpu": {"pools": list(opts.gpu_pools), "count": 1, "allowedCudaVersions": list(plan.cuda)},
-        # Flex: scale to zero when idle, so an unused deployment costs nothing.
-        "workers": {"min": 0, "max": opts.workers_max, "idleTimeout": opts.idle_timeout_s},
+        # Flex: scale to zero when idle, so an unused deployment costs nothing; Active keeps `min` warm.
+        "workers": {"min": plan.min_workers, "max": opts.workers_max, "idleTimeout": opts.idle_timeout_s},
         "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
         "flashboot": "FLASHBOOT",
     }
 
 
-def _plan(ctx: Context, client: RunPodClient, ws_id: str, opts: DeployOptions, utilization: float) -> _Plan:
+def _plan(ctx: Context, client: RunPodClient, ws_id: str, opts: DeployOptions, utilization: float,
+          min_workers: int) -> _Plan:
     catalog = [g for g in client.gpu_catalog() if g.get("pool") and (g.get("price") or {}).get("serverless")]
     pools: dict[str, dict[str, Any]] = {}
     for gpu in catalog:
@@ -134,25 +142,32 @@ def _plan(ctx: Context, client: RunPodClient, ws_id: str, opts: DeployOptions, u
             "projected_monthly_usd_per_worker": round(per_second * SECONDS_PER_MONTH * utilization, 2),
         })
     cuda = VLLM_CUDA if opts.modality == "llm" else EMBEDDING_CUDA
-    return _Plan(sizing, cuda, token, source, priced, tuple(warnings))
+    per_worker, fee = tiers.monthly_fee(opts.gpu_pools, min_workers)
+    return _Plan(sizing, cuda, token, source, priced, tuple(warnings), min_workers, per_worker, fee)
 
 
-def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> None:
+def _check_deployable(ctx: Context, ws: dict[str, Any], opts: DeployOptions) -> int:
+    """Refuses what may not be deployed; the warm workers asked for."""
     if _PUBLIC_NAME_RE.fullmatch(opts.public_name) is None:
         raise ControlError("invalid_name", "a model name is 1-128 letters, digits and . _ : / -")
+    warm = tiers.check(opts.tier, opts.destination, opts.min_workers, opts.workers_max)
     if opts.destination == "managed":
+        if not PLANS[ws["plan"]].can_deploy:
+            raise ControlError("plan_required", f"the {ws['plan']} plan cannot deploy models, on the managed "
+                               "destination or your own RunPod; upgrade to pro or above")
         if not ctx.settings.managed_api_key:
             raise ControlError("managed_not_configured", "the managed destination needs GATEWAY_MANAGED_API_KEY")
-        return
+        return warm
     if opts.modality not in BYOC_MODALITIES:
         raise ControlError(
             "byoc_modality_unsupported",
             f"{opts.modality} models cannot run on your own RunPod account; deploy them with --destination managed",
         )
-    if not PLANS[ws["plan"]].byoc_allowed:
+    if not PLANS[ws["plan"]].byoc_allowed or not PLANS[ws["plan"]].can_deploy:
         raise ControlError(
             "byoc_plan_required", f"bring-your-own RunPod needs plan pro or above (this workspace: {ws['plan']})"
         )
+    return warm
 
 
 SECONDS_PER_MONTH = 30 * 24 * 3600
@@ -175,10 +190,11 @@ def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) 
     if not 0 < utilization <= 1:
         raise ControlError("invalid_utilization", "--utilization is a fraction between 0 and 1")
     ws = workspaces.resolve(ctx, ws_ref)
-    _check_deployable(ctx, ws, opts)
+    warm = _check_deployable(ctx, ws, opts)
     _account, client = _runpod_for(ctx, ws["id"], opts.destination)
-    plan = _plan(ctx, client, ws["id"], opts, utilization)
+    plan = _plan(ctx, client, ws["id"], opts, utilization, warm)
     name = "gw-<deployment id>"
+    usage = Decimal(str(plan.pools[0]["projected_monthly_usd_per_worker"]))
     return {
         "dry_run": True,
         "workspace_id": ws["id"],
@@ -191,8 +207,14 @@ def dry_run(ctx: Context, ws_ref: str, opts: DeployOptions, utilization: float) 
         "warnings": list(plan.warnings),
         "utilization": utilization,
         "gpu_pools": plan.pools,
-        # The first pool is the preferred one; a busier endpoint scales to more workers at this rate each.
-        "projected_monthly_usd": plan.pools[0]["projected_monthly_usd_per_worker"],
+        "tier": opts.tier,
+        "min_workers": warm,
+        # Money as the usage report prints it. The usage estimate: one worker busy `utilization` of the
+        # month at the first (preferred) pool's per-second rate; a busier endpoint scales to more.
+        "base_fee_usd_per_worker_month": usd(plan.fee_per_worker),
+        "base_fee_usd_month": usd(plan.fee_month),
+        "usage_estimate_usd_month": usd(usage),
+        "projected_monthly_usd": usd(plan.fee_month + usage),
     }
 
 
@@ -218,7 +240,12 @@ def render_dry_run(result: dict[str, Any]) -> str:
         f"  memory: {result['memory_estimate']}",
         f"  Hugging Face token: {result['hf_token']}",
         f"  model cache: {result['model_cache']}",
-        f"  projected cost: ~${result['projected_monthly_usd']:.2f}/month per worker",
+        f"  tier: {result['tier']}" + (f", {result['min_workers']} warm worker(s), base fee "
+                                       f"${Decimal(result['base_fee_usd_per_worker_month']):.2f}/month each"
+                                       if result["min_workers"] else " (scales to zero when idle)"),
+        f"  projected cost: ~${Decimal(result['projected_monthly_usd']):.2f}/month = base fee "
+        f"${Decimal(result['base_fee_usd_month']):.2f} + usage estimate "
+        f"${Decimal(result['usage_estimate_usd_month']):.2f}",
     ]
     lines += [f"warning: {w}" for w in result["warnings"]]
     return "\n".join(lines)
@@ -231,15 +258,16 @@ def deploy(
     """`price`: a managed deployment's, else the catalog's for its model (control/pricing.py)."""
     say = progress or (lambda message: print(message, file=sys.stderr))
     ws = workspaces.resolve(ctx, ws_ref)
-    _check_deployable(ctx, ws, opts)
+    warm = _check_deployable(ctx, ws, opts)
     managed_price = pricing.for_deploy(opts.model, price) if opts.destination == "managed" else None
     account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
-    plan = _plan(ctx, client, ws["id"], opts, 1.0)
+    plan = _plan(ctx, client, ws["id"], opts, 1.0, warm)
     for warning in plan.warnings:
         say(f"warning: {warning}")
     settings = {"max_model_len": plan.sizing.max_model_len, "disk_gb": plan.sizing.disk_gb,
                 "init_timeout_s": plan.sizing.init_timeout_s, "gpu_pools": list(opts.gpu_pools),
-                "cuda": list(plan.cuda), "hf_token": plan.hf_source}
+                "cuda": list(plan.cuda), "hf_token": plan.hf_source, "tier": opts.tier, "min_workers": warm,
+                "base_fee_usd_month": usd(plan.fee_month)}
 
     row = ctx.db.execute(
         "SELECT id, state, model, modality, template_id, endpoint_id FROM deployments"
@@ -254,9 +282,10 @@ def deploy(
         dep_id = new_id("dep")
         ctx.db.execute(
             "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, account_id, state,"
-            " options) VALUES (%s, %s, %s, %s, %s, %s, %s, 'creating', %s)",
+            " options, tier, min_workers, base_fee_usd_month) VALUES (%s, %s, %s, %s, %s, %s, %s, 'creating', %s,"
+            " %s, %s, %s)",
             (dep_id, ws["id"], opts.public_name, opts.model, opts.modality, opts.destination, account_id,
-             Jsonb(settings)),
+             Jsonb(settings), opts.tier, warm, plan.fee_month),
         )
         template_id, endpoint_id = None, None
     else:
@@ -287,7 +316,9 @@ def deploy(
     with hotsync.changing(ctx) as change:
         if managed_price is not None:  # priced in the same transaction that opens it to traffic
             pricing.record(ctx, dep_id, managed_price, replace=price is not None)
-        ctx.db.execute("UPDATE deployments SET state = 'ready' WHERE id = %s", (dep_id,))
+        # The base fee runs from the moment it serves (only Active deployments have one).
+        ctx.db.execute("UPDATE deployments SET state = 'ready', billed_from = coalesce(billed_from, now())"
+                       " WHERE id = %s", (dep_id,))
         change.workspace(ws["id"])
     return {"id": dep_id, "workspace_id": ws["id"], "model": opts.public_name, "endpoint_id": endpoint_id,
             "template_id": template_id, "state": "ready", "served_after_s": round(served_after, 1),
@@ -297,11 +328,11 @@ def deploy(
 def list_deployments(ctx: Context, ws_ref: str, include_deleted: bool = False) -> list[dict[str, Any]]:
     ws = workspaces.resolve(ctx, ws_ref)
     rows = ctx.db.execute(
-        "SELECT id, public_name, model, modality, destination, state, endpoint_id, created_at FROM deployments"
-        " WHERE workspace_id = %s AND (%s OR state <> 'deleted') ORDER BY created_at",
+        "SELECT id, public_name, model, modality, destination, tier, min_workers, state, endpoint_id, created_at"
+        " FROM deployments WHERE workspace_id = %s AND (%s OR state <> 'deleted') ORDER BY created_at",
         (ws["id"], include_deleted),
     ).fetchall()
-    names = ("id", "name", "model", "modality", "destination", "state", "endpoint_id")
+    names = ("id", "name", "model", "modality", "destination", "tier", "min_workers", "state", "endpoint_id")
     return [{**dict(zip(names, row[:-1], strict=True)), "created_at": row[-1].isoformat()} for row in rows]
 
 

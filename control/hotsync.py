@@ -39,15 +39,16 @@ def _bump(db: DB, change: Change) -> list[tuple[str, list[Any]]]:
     for ws_id in sorted(change.workspaces):
         row = db.execute(
             "UPDATE workspaces SET generation = generation + 1 WHERE id = %s"
-            " RETURNING generation, plan, rpm_default, rpm_ceiling, spend_limit_usd",
+            " RETURNING generation, plan, rpm_default, rpm_ceiling, spend_limit_usd, pending_plan,"
+            " (extract(epoch FROM pending_plan_at) * 1000000)::bigint",
             (ws_id,),
         ).fetchone()
         if row is not None:
-            generation, plan, rpm_default, rpm_ceiling, spend_limit = row
+            generation, plan, rpm_default, rpm_ceiling, spend_limit, pending_plan, pending_at_us = row
             default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
             limit = None if spend_limit is None else hotstate.uusd(spend_limit)
-            puts.append((hotstate.workspace_redis_key(ws_id),
-                         hotstate.workspace_fields(generation, default, ceiling, limit)))
+            puts.append((hotstate.workspace_redis_key(ws_id), hotstate.workspace_fields(
+                generation, default, ceiling, limit, hotstate.plan_switch(pending_plan, pending_at_us))))
     for key_id in sorted(change.keys):
         row = db.execute(
             "UPDATE api_keys SET generation = generation + 1 WHERE id = %s"

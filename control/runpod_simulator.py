@@ -46,7 +46,8 @@ Worker lifecycle (see "the serverless worker lifecycle" below for the published 
     A new endpoint's worker is scaled down: health shows it `idle` (image cached, model not loaded). The
     first job wakes it: `initializing` for `cold_start_ms`, then it serves (`idle` + `ready`) until it
     has had no job for the endpoint's `workers.idleTimeout`, when it scales down again and the next job
-    pays the cold start again. Jobs wait IN_QUEUE until a worker has initialized: an OpenAI-route
+    pays the cold start again. An endpoint with `workers.min` > 0 (Active workers) starts its worker
+    without a job and never scales it down. Jobs wait IN_QUEUE until a worker has initialized: an OpenAI-route
     request hangs until its caller gives up, `/runsync` answers IN_QUEUE after `?wait` ms, `/run` jobs
     stay IN_QUEUE. A worker of `runpod/worker-v1-vllm:v2.25.2` crash-loops (`unhealthy`) when the
     endpoint's CUDA constraint admits drivers below 13.0, or when its `MODEL_NAME` is a gated model and the
@@ -461,8 +462,13 @@ def worker_phase(ep: SimEndpoint, now: float) -> str:
     if ep.data["workers"].get("max", 0) == 0:
         # `serverless/troubleshooting.mdx`: an endpoint scaled down to 0 max workers starts none.
         return "none"
+    # Active (min) workers are "always running (24/7)" (runpod/docs `serverless/pricing.md`, Worker
+    # types): they start without waiting for a job (their cold start still applies) and never scale down.
+    warm = ep.data["workers"].get("min", 0) > 0
     if ep.started_at is None:
-        return "scaled_down"
+        if not warm:
+            return "scaled_down"
+        ep.started_at = now
     if crash_reason(ep.data) is not None:
         return "unhealthy"
     cold_s, allowed_s = ep.knobs.cold_start_ms / 1000, init_timeout_s(ep.data)
@@ -471,7 +477,8 @@ def worker_phase(ep: SimEndpoint, now: float) -> str:
     if cold_s > allowed_s:
         return "unhealthy"  # its cold start outlasted RUNPOD_INIT_TIMEOUT: marked unhealthy, retried
     idle_timeout = ep.data["workers"].get("idleTimeout", 5)
-    if ep.waiting == 0 and now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000) > idle_timeout:
+    idle_s = now - max(ep.last_job_at, ep.started_at + ep.knobs.cold_start_ms / 1000)
+    if not warm and ep.waiting == 0 and idle_s > idle_timeout:
         ep.started_at = None  # Flex worker scaled down after its idle timeout: the next job pays a cold start
         return "scaled_down"
     # A serving worker drains the queue: jobs whose callers left, and /run jobs.

@@ -48,6 +48,9 @@ class ControlSettings:
     envoy_config: Path
     access_log: Path
     runtime: dict[str, Any]
+    # Seconds ahead of the host's clock that plan changes reckon the billing period by: for tests and
+    # drills of the boundary (a pending downgrade then takes effect that much sooner in real time).
+    clock_offset_s: int = 0
 
     @classmethod
     def from_env(cls, use_runtime: bool = True) -> ControlSettings:
@@ -83,6 +86,7 @@ class ControlSettings:
             envoy_config=Path(env_str("GATEWAY_ENVOY_CONFIG", str(REPO_ROOT / "envoy" / "envoy.yaml"))),
             access_log=Path(env_str("GATEWAY_ACCESS_LOG", str(state_dir / "access.log"))),
             runtime=runtime,
+            clock_offset_s=env_int("GATEWAY_CLOCK_OFFSET_S", 0, minimum=-(10**9)),
         )
 
 

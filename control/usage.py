@@ -1,6 +1,8 @@
 """`gatewayctl usage`: what a workspace used and spent in the current billing period (the calendar
 month, UTC) and the two before it: a daily cost chart (an SVG file, and a compact terminal view), the
-token breakdown, cost per model, error counts, and the same per key."""
+token breakdown, cost per model, error counts, and the same per key. Active deployments' base fees
+(control/tiers.py) are prorated per day beside the usage cost: `base_fee_usd` per day, per deployment
+and per period, and `total_usd` = usage cost + base fee."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from control import workspaces
+from control import tiers, workspaces
 from control.context import Context
 from control.money import usd
 from control.spend import billing_month
@@ -47,7 +49,7 @@ def periods(now: datetime) -> list[tuple[datetime, datetime]]:
     return out
 
 
-def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> dict[str, Any]:
+def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime, now: datetime) -> dict[str, Any]:
     where = "workspace_id = %s AND start_time >= %s AND start_time < %s"
     args = (ws_id, start, end)
     daily = {
@@ -58,12 +60,15 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
             args,
         )
     }
+    fees_by_day, fees = tiers.base_fees(ctx, ws_id, start, end, now)
     days = []
     day = start.date()
     while day < end.date():
         cost, inp, out = daily.get(day, (Decimal(0), 0, 0))
+        fee = fees_by_day.get(day, Decimal(0))
         days.append(
-            {"date": day.isoformat(), "cost_usd": usd(cost), "input_tokens": int(inp), "output_tokens": int(out)}
+            {"date": day.isoformat(), "cost_usd": usd(cost), "input_tokens": int(inp), "output_tokens": int(out),
+             "base_fee_usd": usd(fee), "total_usd": usd(cost + fee)}
         )
         day += timedelta(days=1)
 
@@ -104,6 +109,7 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
         args,
     ).fetchone()
     assert total is not None
+    fee_total = sum(fees_by_day.values(), Decimal(0))
     return {
         "period": start.strftime("%Y-%m"),
         "start": start.date().isoformat(),
@@ -112,6 +118,9 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
         "input_tokens": int(total[1]),
         "output_tokens": int(total[2]),
         "cost_usd": usd(total[3]),
+        "base_fee_usd": usd(fee_total),
+        "total_usd": usd(total[3] + fee_total),
+        "base_fees": fees,
         "errors": errors,
         "daily": days,
         "models": grouped("model"),
@@ -122,9 +131,10 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime) -> 
 
 def report(ctx: Context, ws_ref: str, chart_dir: Path, now: datetime | None = None) -> dict[str, Any]:
     ws = workspaces.resolve(ctx, ws_ref)
+    now = now or datetime.now(UTC)
     result = {
         "workspace_id": ws["id"],
-        "periods": [_period_report(ctx, ws["id"], s, e) for s, e in periods(now or datetime.now(UTC))],
+        "periods": [_period_report(ctx, ws["id"], s, e, now) for s, e in periods(now)],
     }
     chart_dir.mkdir(parents=True, exist_ok=True)
     chart = chart_dir / f"usage-{ws['id']}-{result['periods'][0]['period']}.svg"
@@ -177,6 +187,13 @@ def render_text(result: dict[str, Any]) -> str:
                          f" {m['output_tokens']} out, {m['requests']} requests, {m['errors']} errors)")
         for k in rep["keys"]:
             lines.append(f"  key {k['key_id']}: ${Decimal(k['cost_usd']):.6f} ({k['requests']} requests)")
+        if rep["base_fees"]:
+            lines.append(f"  Active base fees: ${Decimal(rep['base_fee_usd']):.6f}; with usage "
+                         f"${Decimal(rep['total_usd']):.6f}")
+        for f in rep["base_fees"]:
+            lines.append(f"  base fee {f['model']} ({f['deployment_id']}, {f['min_workers']} warm):"
+                         f" ${Decimal(f['base_fee_usd']):.6f} for {f['days']} days"
+                         f" at ${Decimal(f['monthly_usd']):.2f}/month")
     lines.append(f"chart: {result['chart']}")
     if "html" in result:
         lines.append(f"html: {result['html']}")

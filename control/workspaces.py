@@ -1,15 +1,20 @@
-"""Workspaces and their plans."""
+"""Workspaces and their plans, and plan changes on the billing cycle (control/plans.py states the rule).
+
+A pending downgrade is stored beside the plan (`pending_plan`, `pending_plan_at`: the start of the next
+billing period, in real time) and published with the workspace, so every ext_authz applies it at that
+moment without a restart or a database read; the control plane folds it into `plan` the next time it
+resolves the workspace after that moment."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from control import hotsync
+from control import hotsync, spend
 from control.context import Context
 from control.errors import ControlError
 from control.ids import new_id
 from control.money import usd
-from control.plans import PLANS, effective_limits
+from control.plans import PLANS, effective_limits, is_downgrade
 from extauth.ratelimit import burst
 
 
@@ -19,23 +24,43 @@ def _plan(plan: str) -> str:
     return plan
 
 
-def resolve(ctx: Context, ref: str) -> dict[str, Any]:
-    """A workspace by id or by name."""
-    row = ctx.db.execute(
-        "SELECT id, name, plan, rpm_default, rpm_ceiling FROM workspaces WHERE id = %s OR name = %s",
+def _read(ctx: Context, ref: str) -> tuple[Any, ...] | None:
+    return ctx.db.execute(
+        "SELECT id, name, plan, rpm_default, rpm_ceiling, pending_plan, pending_plan_at, pending_plan_at <= now()"
+        " FROM workspaces WHERE id = %s OR name = %s",
         (ref, ref),
     ).fetchone()
+
+
+def resolve(ctx: Context, ref: str) -> dict[str, Any]:
+    """A workspace by id or by name, on the plan in force now (a pending change whose time has come is
+    applied first)."""
+    row = _read(ctx, ref)
     if row is None:
         raise ControlError("workspace_not_found", f"no workspace {ref!r}")
-    ws_id, name, plan, rpm_default, rpm_ceiling = row
+    if row[7]:
+        with hotsync.changing(ctx) as change:
+            ctx.db.execute(
+                "UPDATE workspaces SET plan = pending_plan, rpm_default = NULL, rpm_ceiling = NULL,"
+                " pending_plan = NULL, pending_plan_at = NULL WHERE id = %s AND pending_plan_at <= now()",
+                (row[0],),
+            )
+            change.workspace(row[0])
+        row = _read(ctx, row[0])
+        assert row is not None
+    ws_id, name, plan, rpm_default, rpm_ceiling, pending_plan, pending_at, _due = row
     default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
-    return {"id": ws_id, "name": name, "plan": plan, "rpm_default": default, "rpm_ceiling": ceiling}
+    return {"id": ws_id, "name": name, "plan": plan, "rpm_default": default, "rpm_ceiling": ceiling,
+            "pending_plan": pending_plan,
+            # In the control plane's clock, as the billing period it starts is reckoned.
+            "pending_plan_effective_at": (pending_at + ctx.clock_offset).isoformat() if pending_at else None}
 
 
 def list_all(ctx: Context) -> list[dict[str, Any]]:
     """Every workspace with its plan and how many active keys and live deployments it has."""
     rows = ctx.db.execute(
-        "SELECT w.id, w.name, w.plan, w.created_at,"
+        # The plan in force: a downgrade whose moment has passed counts even before it is folded in.
+        "SELECT w.id, w.name, CASE WHEN w.pending_plan_at <= now() THEN w.pending_plan ELSE w.plan END, w.created_at,"
         " (SELECT count(*) FROM api_keys k WHERE k.workspace_id = w.id AND k.revoked_at IS NULL),"
         " (SELECT count(*) FROM deployments d WHERE d.workspace_id = w.id AND d.state <> 'deleted')"
         " FROM workspaces w ORDER BY w.name"
@@ -66,6 +91,7 @@ def show(ctx: Context, ref: str) -> dict[str, Any]:
         **ws,
         "burst_default": burst(ws["rpm_default"]),
         "can_mint_keys": plan.can_mint_keys,
+        "can_deploy": plan.can_deploy,
         "byoc_allowed": plan.byoc_allowed,
         "spend_limit_usd": None if spend_limit is None else usd(spend_limit),
         "runpod_account_id": account_id,
@@ -94,8 +120,11 @@ def create(ctx: Context, name: str, plan: str) -> dict[str, Any]:
 
 
 def set_plan(
-    ctx: Context, ref: str, plan: str, rpm_default: int | None = None, rpm_ceiling: int | None = None
+    ctx: Context, ref: str, plan: str, rpm_default: int | None = None, rpm_ceiling: int | None = None,
+    now: bool = False,
 ) -> dict[str, Any]:
+    """An upgrade (or the same plan) applies at once and drops any pending downgrade; a downgrade waits
+    for the start of the next billing period, replacing a pending one, unless `now`."""
     ws = resolve(ctx, ref)
     _plan(plan)
     if plan != "enterprise" and (rpm_default or rpm_ceiling):
@@ -103,9 +132,29 @@ def set_plan(
     if rpm_default and rpm_ceiling and rpm_default > rpm_ceiling:
         raise ControlError("invalid_plan_limits", "--rpm-default cannot exceed --rpm-ceiling")
     with hotsync.changing(ctx) as change:
-        ctx.db.execute(
-            "UPDATE workspaces SET plan = %s, rpm_default = %s, rpm_ceiling = %s WHERE id = %s",
-            (plan, rpm_default, rpm_ceiling, ws["id"]),
-        )
+        if is_downgrade(ws["plan"], plan) and not now:
+            _start, boundary = spend.billing_month(ctx.now())
+            ctx.db.execute(
+                "UPDATE workspaces SET pending_plan = %s, pending_plan_at = %s WHERE id = %s",
+                (plan, boundary - ctx.clock_offset, ws["id"]),
+            )
+        else:
+            ctx.db.execute(
+                "UPDATE workspaces SET plan = %s, rpm_default = %s, rpm_ceiling = %s, pending_plan = NULL,"
+                " pending_plan_at = NULL WHERE id = %s",
+                (plan, rpm_default, rpm_ceiling, ws["id"]),
+            )
+        change.workspace(ws["id"])
+    return resolve(ctx, ws["id"])
+
+
+def cancel_plan_change(ctx: Context, ref: str) -> dict[str, Any]:
+    """Drop a pending downgrade: the workspace stays on its plan."""
+    ws = resolve(ctx, ref)
+    if ws["pending_plan"] is None:
+        raise ControlError("no_pending_plan_change", f"workspace {ws['name']!r} has no pending plan change")
+    with hotsync.changing(ctx) as change:
+        ctx.db.execute("UPDATE workspaces SET pending_plan = NULL, pending_plan_at = NULL WHERE id = %s",
+                       (ws["id"],))
         change.workspace(ws["id"])
     return resolve(ctx, ws["id"])

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote
 
 from control import apikeys
-from control.plans import BYOC_MODALITIES, PLANS
+from control.plans import BYOC_MODALITIES, PLANS, in_force
 from extauth import errors, hotstate, ratelimit, routes, upstream
 from extauth.decision import (
     ALLOW,
@@ -51,10 +51,12 @@ def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, str]) 
     return Decision(DENY, denial.status, denial.body(), [*headers, *denial.headers], meta=meta)
 
 
-def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry) -> Denial | None:
-    """Why a bring-your-own-RunPod deployment cannot be signed for now, if it cannot."""
-    if not PLANS[workspace.plan].byoc_allowed:
-        return errors.byoc_plan_required(workspace.plan)
+def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry, now_us: int) -> Denial | None:
+    """Why a bring-your-own-RunPod deployment cannot be signed for now (`now_us`, Redis's clock), if it
+    cannot."""
+    plan = in_force(workspace.plan, workspace.pending_plan, workspace.switch.at_us, now_us)
+    if not PLANS[plan].byoc_allowed:
+        return errors.byoc_plan_required(plan)
     if dep.modality not in BYOC_MODALITIES:
         return errors.byoc_modality_unsupported(dep.modality)
     cred = workspace.credential
@@ -240,7 +242,7 @@ class Checker:
                     request_id if reserve else "", self._spend.ttl_s, workspace.spent_uusd,
                     hotstate.key_fields(key.generation, key.revoked, key.rpm_limit),
                     hotstate.workspace_fields(workspace.generation, workspace.rpm_default, workspace.rpm_ceiling,
-                                              workspace.spend_limit_uusd),
+                                              workspace.spend_limit_uusd, workspace.switch),
                 )
             else:
                 args = hotstate.decide_args(self._clock.deadline_us(started_us), key.generation, workspace.generation,
@@ -296,7 +298,10 @@ class Checker:
         if dep is None:
             return _deny(errors.model_not_found(model), limit_headers, meta)
         if dep.destination == "runpod":
-            denial = byoc_denial(workspace, dep)
+            # On Redis's clock, as the script switches the rate limits: one moment for every rule (read
+            # only when a change is pending).
+            now_us = self._clock.now_us() + self._clock.offset_us if workspace.pending_plan else 0
+            denial = byoc_denial(workspace, dep, now_us)
             if denial is not None:
                 return _deny(denial, limit_headers, meta)
             upstream_key = workspace.credential.runpod_key if workspace.credential else None

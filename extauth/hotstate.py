@@ -6,6 +6,8 @@ Redis layout. Every key of one check carries its workspace as a hash tag (`{ws_.
 share one Redis Cluster slot:
   gw:{ws}:k:<key_id>  hash  g=generation x=revoked(0/1) r=explicit rpm limit (0: the workspace default)
   gw:{ws}:w           hash  g=generation d=default rpm c=ceiling rpm l=spend limit in micro-USD (-1: none)
+                            s=when a pending downgrade takes effect, Redis time in us (0: none pending)
+                            sd, sc=the default and ceiling rpm from then on (the lower plan's)
   gw:{ws}:b:<key_id>  string  the bucket's theoretical arrival time, in microseconds (GCRA)
   gw:{ws}:$           hash  m=billing month (YYYYMM) p=managed spend committed in month m, micro-USD
                       (PostgreSQL's figure, only ever raised within a month) r=sum of live reservations
@@ -27,6 +29,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, NamedTuple
+
+from control.plans import effective_limits
 
 HOTSTATE_TTL_S = 300
 # The spend hash outlives every reservation it sums (their TTL is at most hours); it goes only once a
@@ -135,7 +139,7 @@ local this_month = tonumber(month)
 local spent_in = tonumber(spent_uusd)
 if spent_in >= 0 then put_spent(spend, this_month, spent_in) end
 local k = redis.call('HMGET', key_hash, 'g', 'x', 'r')
-local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l')
+local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l', 's')
 if (not k[1]) or (not w[1]) then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[1] ~= key_generation or w[1] ~= workspace_generation then return {@STALE@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[2] == '1' then return {@REVOKED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
@@ -148,6 +152,11 @@ if reserve > 0 and spend_limit >= 0 then
   spent = tonumber(s[2])
 end
 local limit = tonumber(k[3])
+-- A pending downgrade holds from its moment on Redis's clock: every replica switches together.
+if w[5] and w[5] ~= '0' and now >= tonumber(w[5]) then
+  local after = redis.call('HMGET', workspace_hash, 'sd', 'sc')
+  w[2], w[3] = after[1], after[2]
+end
 if limit <= 0 then limit = tonumber(w[2]) end
 local ceiling = tonumber(w[3])
 if limit > ceiling then limit = ceiling end
@@ -261,9 +270,30 @@ def key_fields(generation: int, revoked: bool, rpm_limit: int | None) -> list[An
     return ["g", generation, "x", 1 if revoked else 0, "r", rpm_limit or 0]
 
 
-def workspace_fields(generation: int, rpm_default: int, rpm_ceiling: int, spend_limit_uusd: int | None) -> list[Any]:
+class PlanSwitch(NamedTuple):
+    """A pending downgrade as the workspace hash carries it (fields s, sd, sc)."""
+
+    at_us: int  # microseconds since the epoch; 0: none pending
+    rpm_default: int
+    rpm_ceiling: int
+
+
+NO_SWITCH = PlanSwitch(0, 0, 0)
+
+
+def plan_switch(pending_plan: str | None, at_us: int | None) -> PlanSwitch:
+    """A workspace row's pending downgrade as the hash carries it (the lower plan's own limits)."""
+    if pending_plan is None or at_us is None:
+        return NO_SWITCH
+    return PlanSwitch(at_us, *effective_limits(pending_plan, None, None))
+
+
+def workspace_fields(generation: int, rpm_default: int, rpm_ceiling: int, spend_limit_uusd: int | None,
+                     switch: PlanSwitch = NO_SWITCH) -> list[Any]:
+    # Every field is always written, so a cancelled switch cannot survive in the hash.
     limit = NO_SPEND_LIMIT if spend_limit_uusd is None else spend_limit_uusd
-    return ["g", generation, "d", rpm_default, "c", rpm_ceiling, "l", limit]
+    return ["g", generation, "d", rpm_default, "c", rpm_ceiling, "l", limit,
+            "s", switch.at_us, "sd", switch.rpm_default, "sc", switch.rpm_ceiling]
 
 
 def uusd(usd: Decimal | float | int) -> int:

@@ -72,6 +72,9 @@ class WorkspaceEntry:
     # whenever this view is (the spend limit's state is rebuilt from it when Redis lost it).
     spent_uusd: int = 0
     month: int = 0
+    # A pending downgrade: the plan, and when it takes effect with its limits (control/plans.py in_force).
+    pending_plan: str | None = None
+    switch: hotstate.PlanSwitch = hotstate.NO_SWITCH
 
 
 class StateStore:
@@ -146,7 +149,8 @@ class StateStore:
     async def _load_workspace(self, workspace_id: str) -> WorkspaceEntry | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT plan, generation, rpm_default, rpm_ceiling, spend_limit_usd FROM workspaces WHERE id = %s",
+                "SELECT plan, generation, rpm_default, rpm_ceiling, spend_limit_usd, pending_plan,"
+                " (extract(epoch FROM pending_plan_at) * 1000000)::bigint FROM workspaces WHERE id = %s",
                 (workspace_id,),
             )
             ws = await cur.fetchone()
@@ -173,7 +177,7 @@ class StateStore:
                 (workspace_id,),
             )
             cred_row = await cur.fetchone()
-        plan, generation, rpm_default, rpm_ceiling, spend_limit = ws
+        plan, generation, rpm_default, rpm_ceiling, spend_limit, pending_plan, pending_at_us = ws
         default, ceiling = effective_limits(plan, rpm_default, rpm_ceiling)
         entry = WorkspaceEntry(
             workspace_id=workspace_id,
@@ -187,6 +191,8 @@ class StateStore:
             spend_limit_uusd=None if spend_limit is None else hotstate.uusd(spend_limit),
             spent_uusd=hotstate.uusd(spent_row[0]) if spent_row else 0,
             month=month,
+            pending_plan=pending_plan,
+            switch=hotstate.plan_switch(pending_plan, pending_at_us),
         )
         self.workspaces.put(workspace_id, entry)
         return entry

@@ -38,7 +38,7 @@ def test_unlinked_workspace_gets_byoc_runpod_not_linked(gateway: Gateway, simula
 
 def test_plan_below_pro_suspends_byoc_inference(gateway: Gateway, simulator: Simulator) -> None:
     t = make_tenant(gateway, simulator)
-    gateway.ctl_json("workspace", "set-plan", t.workspace_id, "starter")
+    gateway.ctl_json("workspace", "set-plan", t.workspace_id, "starter", "--now")
     with pytest.raises(openai.PermissionDeniedError) as info:
         chat(gateway, t.api_key, t.chat_model)
     assert info.value.code == "byoc_plan_required"

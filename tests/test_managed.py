@@ -70,6 +70,6 @@ def test_byoc_plan_gate_does_not_apply_to_managed(gateway: Gateway, simulator: S
     t = make_tenant(gateway, simulator)
     gateway.ctl_json("deploy", t.workspace_id, "--model", "org/m", "--modality", "llm", "--name", "managed-any",
                      "--destination", "managed", "--wait-timeout", "10", "--price-input", "1", "--price-output", "1")
-    gateway.ctl_json("workspace", "set-plan", t.workspace_id, plan)
+    gateway.ctl_json("workspace", "set-plan", t.workspace_id, plan, "--now")
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)
     assert sdk.chat.completions.create(model="managed-any", messages=[{"role": "user", "content": "x"}]).choices

@@ -188,8 +188,9 @@ def test_plan_defaults_ceilings_and_starter(gateway: Gateway, simulator: Simulat
     gateway.ctl_json("workspace", "set-plan", t.workspace_id, "team")
     set_limit(gateway, t.key_id, 9000)
     assert call("GET", f"{gateway.base_url}/models", key=t.api_key).headers["X-RateLimit-Limit"] == "9000"
-    # Back to pro: the key keeps its setting but the new ceiling caps it on the next request.
-    gateway.ctl_json("workspace", "set-plan", t.workspace_id, "pro")
+    # Back to pro (forced: a downgrade otherwise waits for the next billing period): the key keeps its
+    # setting but the new ceiling caps it on the next request.
+    gateway.ctl_json("workspace", "set-plan", t.workspace_id, "pro", "--now")
     assert call("GET", f"{gateway.base_url}/models", key=t.api_key).headers["X-RateLimit-Limit"] == "1000"
 
     plan = gateway.ctl_json("workspace", "set-plan", t.workspace_id, "enterprise",

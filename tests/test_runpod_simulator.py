@@ -511,6 +511,21 @@ def test_worker_lifecycle_cold_start_and_scale_down(sim: str) -> None:
     assert time.monotonic() - started >= 0.55
 
 
+def test_active_workers_start_without_a_job_and_never_scale_down(sim: str) -> None:
+    _, key = new_account(sim)
+    eid = vllm_endpoint(sim, key, {"MODEL_NAME": "org/m"}, {"allowedCudaVersions": ["13.0"]})
+    call("PATCH", f"{sim}/_sim/endpoints/{eid}", {"cold_start_ms": 300})
+    assert call("PATCH", f"{sim}/v2/serverless/{eid}", {"workers": {"min": 1}}, key).status == 200
+    assert workers(sim, eid, key) == {"initializing": 1}  # warm from the start: its cold start runs now
+    time.sleep(0.4)
+    assert workers(sim, eid, key) == {"idle": 1, "ready": 1}
+    time.sleep(1.2)  # past idleTimeout 1 s, with no job at all: still running
+    assert workers(sim, eid, key) == {"idle": 1, "ready": 1}
+    started = time.monotonic()
+    assert call("GET", f"{sim}/v2/{eid}/openai/v1/models", key=key).status == 200
+    assert time.monotonic() - started < 0.25  # no cold start
+
+
 @pytest.mark.parametrize("env, gpu", [
     ({"MODEL_NAME": "org/m"}, {}),  # no CUDA constraint: lands on drivers below 13.0
     ({"MODEL_NAME": "org/m"}, {"allowedCudaVersions": ["13.0", "12.8"]}),
