@@ -245,7 +245,9 @@ def test_a_revocation_and_a_plan_change_are_refused_on_both_nodes_within_a_secon
         keys.revoke(ctx, t.key_id)
     _refused_within([gateway, node_b], t.api_key, t.chat_model, {401}, 1.0)
     with node_b.context() as ctx:  # the control plane may run anywhere; both nodes see it
-        workspaces.set_plan(ctx, t.workspace_id, "starter")  # starter: no bring-your-own-cloud deployments
+        # starter: no bring-your-own-cloud deployments. Forced (--now): a downgrade otherwise waits for
+        # the next billing period.
+        workspaces.set_plan(ctx, t.workspace_id, "starter", now=True)
     _refused_within([gateway, node_b], other_key, t.chat_model, {403}, 1.0)
 
 

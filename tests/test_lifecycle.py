@@ -121,6 +121,7 @@ def test_dry_run_prints_the_plan_and_projected_cost_and_creates_nothing(
     assert plan["template"]["env"]["MODEL_NAME"] == "org/big"
     assert plan["endpoint"]["workers"]["min"] == 0  # Flex: scales to zero
     # ADA_24 lists at $1.10 per hour in the simulator's catalog: per second, 30 days, a quarter of the time.
-    assert plan["projected_monthly_usd"] == round(1.10 / 3600 * 30 * 24 * 3600 * 0.25, 2)
+    # Money is a six-place decimal string; Flex carries no base fee, so the projection is the usage alone.
+    assert plan["projected_monthly_usd"] == f"{round(1.10 / 3600 * 30 * 24 * 3600 * 0.25, 2):.6f}"
     assert [p["pool"] for p in plan["gpu_pools"]] == ["ADA_24", "AMPERE_80"]
     assert resources(simulator, t.account_id) == before
