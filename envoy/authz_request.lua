@@ -9,12 +9,21 @@
 -- spaces, "%", DEL and non-ASCII bytes): a model name is client input and may hold bytes no header may
 -- carry, or spaces a header would trim; ext_authz unescapes it. A count is passed only when it is a
 -- whole number a request could mean; anything else is left to the upstream to refuse.
+--
+-- The voice routes (/v1/audio/transcriptions, /v1/audio/translations) send multipart/form-data, which
+-- json_to_metadata does not read: for them only, the buffered body's `model` form field is handed over
+-- the same way, and the duration of a WAV `file` (its RIFF header: data bytes / byte rate) as
+-- x-gateway-audio-seconds (it sizes the spend reservation) and into `gateway.usage:units` (the metered
+-- audio seconds unless the upstream's answer reports its own, envoy/gateway.lua).
 
 local BODY = "envoy.filters.http.json_to_metadata"
 local HEADER = "x-gateway-model"
 local MAX_TOKENS = "x-gateway-max-tokens"
 local CHOICES = "x-gateway-choices"
 local BODY_BYTES = "x-gateway-body-bytes"
+local AUDIO_SECONDS = "x-gateway-audio-seconds"
+local USAGE = "gateway.usage"
+local VOICE_PATHS = { ["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true }
 
 local function escape(value)
   return (value:gsub("[%c%% \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
@@ -27,9 +36,75 @@ local function count(value)
   return nil
 end
 
+local function u32(text, at)
+  local a, b, c, d = text:byte(at, at + 3)
+  return a + b * 256 + c * 65536 + d * 16777216
+end
+
+-- Seconds of audio in a WAV file that starts at `from` in `text` and ends before `to`, or nil.
+local function wav_seconds(text, from, to)
+  if text:sub(from, from + 3) ~= "RIFF" or text:sub(from + 8, from + 11) ~= "WAVE" then return nil end
+  local at, rate = from + 12, nil
+  while at + 8 <= to do
+    local id, size = text:sub(at, at + 3), u32(text, at + 4)
+    if id == "fmt " then
+      rate = u32(text, at + 16) -- byte rate
+    elseif id == "data" then
+      if not rate or rate == 0 then return nil end
+      -- A streamed WAV states no size (0 or 0xFFFFFFFF): the bytes that are there count.
+      return math.min(size, to - (at + 8)) / rate
+    end
+    at = at + 8 + size + size % 2
+  end
+  return nil
+end
+
+-- The `model` form field and the `file` part's WAV duration of a multipart body.
+local function multipart(handle, content_type)
+  local boundary = (content_type or ""):match('^multipart/form%-data;.-boundary="?([^";]+)"?')
+  if not boundary then return nil end
+  local buffered = handle:body()
+  if not buffered then return nil end
+  local text = buffered:getBytes(0, buffered:length())
+  local delimiter = "--" .. boundary
+  local model, seconds
+  local _, stop = text:find(delimiter, 1, true)
+  while stop do
+    local head_end = text:find("\r\n\r\n", stop, true)
+    if not head_end then break end
+    local next_start, next_stop = text:find("\r\n" .. delimiter, head_end + 4, true)
+    if not next_start then break end
+    local head = text:sub(stop + 1, head_end):lower()
+    -- `[; ]name=`: not the end of `filename=`.
+    if head:find('[; ]name="model"') then
+      model = model or text:sub(head_end + 4, next_start - 1)
+    elseif head:find('[; ]name="file"') then
+      seconds = wav_seconds(text, head_end + 4, next_start)
+    end
+    stop = next_stop
+  end
+  return model, seconds
+end
+
+local function voice(handle, headers)
+  local path = (headers:get(":path") or ""):match("^[^?]*")
+  if not VOICE_PATHS[path] then return end
+  local model, seconds = multipart(handle, headers:get("content-type"))
+  if not model then return end
+  headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
+  headers:add(HEADER, escape(model))
+  local length = headers:get("content-length")
+  if length then headers:add(BODY_BYTES, length) end
+  if seconds then
+    headers:add(AUDIO_SECONDS, string.format("%.3f", seconds))
+    handle:streamInfo():dynamicMetadata():set(USAGE, "units",
+      { unit = "audio_second", quantity = math.floor(seconds * 1000 + 0.5) / 1000, detail = "wav" })
+  end
+end
+
 function envoy_on_request(handle)
   local body = handle:streamInfo():dynamicMetadata():get(BODY)
-  if not body then return end
+  if not body then return voice(handle, handle:headers()) end
   local model = body["model"]
   local headers = handle:headers()
   if type(model) ~= "string" then return end

@@ -36,6 +36,8 @@ MODEL_HEADER = "x-gateway-model"
 MAX_TOKENS_HEADER = "x-gateway-max-tokens"
 CHOICES_HEADER = "x-gateway-choices"
 BODY_BYTES_HEADER = "x-gateway-body-bytes"
+# A voice request's audio duration when envoy/authz_request.lua could read it (a WAV file's header).
+AUDIO_SECONDS_HEADER = "x-gateway-audio-seconds"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

@@ -1,0 +1,211 @@
+"""Every modality through the real stack with the real OpenAI SDK: the Responses API (plain and streamed),
+images, speech synthesis (whole and streamed) and transcription/translation of a WAV file; each on the
+destinations its modality runs on, refused elsewhere with the right error, metered exactly once in its
+own unit and priced; and a spend limit that stops image and audio traffic as it stops tokens.
+One gateway for the module."""
+
+from __future__ import annotations
+
+import io
+import secrets
+import wave
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+
+from control import deployments, hotsync, pricing
+from tests.conftest import Gateway, Simulator, Tenant, make_tenant
+from tests.support import wait_until
+
+TOKEN_PRICE = pricing.Price(Decimal(10), Decimal(20))  # USD per million tokens
+IMAGE_USD, CHARACTER_USD, SECOND_USD = Decimal("0.04"), Decimal("0.0001"), Decimal("0.01")
+
+
+def wav(seconds: float, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x01\x00" * int(seconds * rate))
+    return out.getvalue()
+
+
+def deploy(gateway: Gateway, ws_id: str, modality: str, name: str, price: pricing.Price) -> None:
+    with gateway.context() as ctx:
+        opts = deployments.DeployOptions(f"org/{modality}", modality, name, wait_timeout_s=10, destination="managed")
+        deployments.deploy(ctx, ws_id, opts, progress=lambda _m: None, price=price)
+
+
+@pytest.fixture(scope="module")
+def tenant(gateway: Gateway, simulator: Simulator) -> Tenant:
+    t = make_tenant(gateway, simulator)
+    deploy(gateway, t.workspace_id, "llm", "m-llm", TOKEN_PRICE)
+    deploy(gateway, t.workspace_id, "image", "m-image", pricing.Price.per_unit("image", IMAGE_USD))
+    deploy(gateway, t.workspace_id, "speech", "m-speech", pricing.Price.per_unit("character", CHARACTER_USD))
+    deploy(gateway, t.workspace_id, "voice", "m-voice", pricing.Price.per_unit("audio_second", SECOND_USD))
+    return t
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway: Gateway, tenant: Tenant) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=tenant.api_key, max_retries=0)
+
+
+def rows(gateway: Gateway, ws_id: str, route: str, count: int) -> list[dict[str, Any]]:
+    """The metered rows of `route`'s served requests, once there are `count` of them."""
+    query = ("SELECT model, status, prompt_tokens, completion_tokens, usage_estimated, unit, quantity, unit_detail,"
+             " cost_usd FROM usage_events WHERE workspace_id = %s AND route = %s AND status = 200 ORDER BY start_time")
+    found: list[dict[str, Any]] = []
+
+    def metered() -> bool:
+        nonlocal found
+        with gateway.context() as ctx:
+            cur = ctx.db.execute(query, (ws_id, route))
+            names = [c.name for c in cur.description or []]
+            found = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return len(found) >= count
+
+    wait_until(metered, 30, f"{count} metered rows of {route}")
+    assert len(found) == count, found
+    return found
+
+
+def test_responses_plain_and_streamed_on_managed_and_own_runpod(gateway: Gateway, tenant: Tenant,
+                                                                  sdk: openai.OpenAI) -> None:
+    for model in ("m-llm", tenant.chat_model):
+        reply = sdk.responses.create(model=model, input="one two three")
+        assert reply.output_text == "Echo: one two three"
+        assert (reply.usage and reply.usage.input_tokens, reply.usage and reply.usage.output_tokens) == (3, 4)
+        events = list(sdk.responses.create(model=model, input="one two three", stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Echo: one two three"
+        done = events[-1]
+        assert done.type == "response.completed" and done.response.usage is not None
+        assert done.response.usage.output_tokens == 4  # the client keeps the final event's usage
+    metered = rows(gateway, tenant.workspace_id, "/v1/responses", 4)
+    assert [(r["model"], r["prompt_tokens"], r["completion_tokens"], r["unit"]) for r in metered] == [
+        ("m-llm", 3, 4, None), ("m-llm", 3, 4, None),
+        (tenant.chat_model, 3, 4, None), (tenant.chat_model, 3, 4, None)]
+    # Tokens at $10/$20 per million on managed; the customer's own RunPod bills them, not us.
+    assert [r["cost_usd"] for r in metered] == [Decimal("0.00011")] * 2 + [Decimal(0)] * 2
+
+
+def test_images_metered_by_count_and_size(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
+    result = sdk.images.generate(model="m-image", prompt="a lighthouse", n=2, size="512x512")
+    assert len(result.data) == 2 and all(d.b64_json for d in result.data)
+    assert len(sdk.images.generate(model="m-image", prompt="a lighthouse").data) == 1
+    metered = rows(gateway, tenant.workspace_id, "/v1/images/generations", 2)
+    assert [(r["unit"], r["quantity"], r["unit_detail"], r["cost_usd"], r["usage_estimated"]) for r in metered] == [
+        ("image", 2, "512x512", 2 * IMAGE_USD, False), ("image", 1, "default", IMAGE_USD, False)]
+
+
+def test_speech_whole_and_streamed_metered_by_input_characters(gateway: Gateway, tenant: Tenant,
+                                                               sdk: openai.OpenAI) -> None:
+    # Escapes, a quoted "input" inside the text and characters beyond the BMP all count as the upstream does.
+    text = 'Say "input": naïve café 👋\n'
+    audio = sdk.audio.speech.create(model="m-speech", voice="alloy", input=text)
+    assert len(audio.content) == len(text) * 64
+    with sdk.audio.speech.with_streaming_response.create(model="m-speech", voice="alloy", input=text,
+                                                         response_format="wav") as streamed:
+        assert streamed.headers["content-type"] == "audio/wav"
+        pieces = list(streamed.iter_bytes())
+    assert b"".join(pieces) == audio.content
+    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 2)
+    assert [(r["unit"], r["quantity"], r["cost_usd"]) for r in metered] == [
+        ("character", len(text), len(text) * CHARACTER_USD)] * 2
+
+
+def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
+    audio = wav(2.5)
+    text = sdk.audio.transcriptions.create(model="m-voice", file=("clip.wav", audio, "audio/wav"))
+    assert text.text == "Transcribed 2.5 seconds of audio."
+    plain = sdk.audio.translations.create(model="m-voice", file=("clip.wav", audio, "audio/wav"),
+                                          response_format="text")
+    assert str(plain).strip() == "Translated 2.5 seconds of audio."
+    transcribed = rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 1)
+    translated = rows(gateway, tenant.workspace_id, "/v1/audio/translations", 1)
+    # The upstream's own usage where it reports one (json), else the WAV header's duration (text).
+    assert [(r["unit"], r["quantity"], r["unit_detail"], r["cost_usd"]) for r in transcribed + translated] == [
+        ("audio_second", 2.5, "upstream", Decimal("0.025")), ("audio_second", 2.5, "wav", Decimal("0.025"))]
+
+
+def test_each_route_refuses_other_modalities_and_own_runpod_serves_llm_and_embedding_only(
+    gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI
+) -> None:
+    def refused(call: Any, code: str) -> None:
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        assert caught.value.code == code, caught.value.body
+
+    refused(lambda: sdk.images.generate(model=tenant.chat_model, prompt="x"), "model_not_supported")
+    refused(lambda: sdk.responses.create(model="m-image", input="x"), "model_not_supported")
+    refused(lambda: sdk.chat.completions.create(model="m-speech", messages=[{"role": "user", "content": "x"}]),
+            "model_not_supported")
+    refused(lambda: sdk.audio.speech.create(model="m-voice", voice="alloy", input="x"), "model_not_supported")
+    refused(lambda: sdk.audio.transcriptions.create(model="m-speech", file=("a.wav", wav(0.1))),
+            "model_not_supported")
+    refused(lambda: sdk.responses.create(model=tenant.embedding_model, input="x"), "model_not_supported")
+    # An image deployment on the customer's own RunPod (`deploy` refuses to create one; a row of before):
+    with gateway.context() as ctx, hotsync.changing(ctx) as change:
+        ctx.db.execute(
+            "INSERT INTO deployments (id, workspace_id, public_name, model, modality, destination, account_id,"
+            " endpoint_id, state) VALUES (%s, %s, 'own-image', 'org/img', 'image', 'runpod', %s, %s, 'ready')",
+            ("dep_" + secrets.token_hex(6), tenant.workspace_id, tenant.account_id, "ep" + secrets.token_hex(6)))
+        change.workspace(tenant.workspace_id)
+    refused(lambda: sdk.images.generate(model="own-image", prompt="x"), "byoc_modality_unsupported")
+    with pytest.raises(openai.NotFoundError):
+        sdk.post("/audio/voices", body={}, cast_to=object)
+
+
+def test_a_unit_price_of_another_unit_is_refused(gateway: Gateway, tenant: Tenant) -> None:
+    done = gateway.ctl("prices", "set", "m-image", "--workspace", tenant.workspace_id, "--input", "1",
+                       "--output", "1")
+    assert done.returncode != 0 and "priced per image" in done.stderr
+    shown = gateway.ctl_json("prices", "set", "m-image", "--workspace", tenant.workspace_id, "--unit", "image",
+                             "--usd", str(IMAGE_USD))
+    assert (shown["unit"], Decimal(shown["usd_per_unit"])) == ("image", IMAGE_USD)
+
+
+def test_usage_report_shows_each_unit(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
+    sdk.images.generate(model="m-image", prompt="again", n=3)
+    rows(gateway, tenant.workspace_id, "/v1/images/generations", 3)
+    report = gateway.ctl_json("usage", tenant.workspace_id)
+    period = report["periods"][0]
+    models = {m["model"]: m for m in period["models"]}
+    assert models["m-image"]["units"] == {"image": 6}
+    assert models["m-voice"]["units"] == {"audio_second": 5.0}
+    assert models["m-llm"]["units"] == {}
+    assert period["units"] == {"audio_second": 5.0, "character": 2 * len('Say "input": naïve café 👋\n'),
+                               "image": 6}
+    assert Decimal(models["m-image"]["cost_usd"]) == 6 * IMAGE_USD
+    assert "6 images" in gateway.ctl("usage", tenant.workspace_id).stdout
+
+
+def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: Simulator) -> None:
+    t = make_tenant(gateway, simulator)
+    deploy(gateway, t.workspace_id, "image", "capped-image", pricing.Price.per_unit("image", IMAGE_USD))
+    deploy(gateway, t.workspace_id, "voice", "capped-voice", pricing.Price.per_unit("audio_second", SECOND_USD))
+    gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "0.1")
+    sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)
+    sdk.images.generate(model="capped-image", prompt="x", n=2)  # $0.08 of $0.10
+    rows(gateway, t.workspace_id, "/v1/images/generations", 1)
+
+    def stopped(call: Any) -> bool:
+        try:
+            call()
+        except openai.PermissionDeniedError as exc:
+            assert exc.code == "plan_limit_exceeded"
+            return True
+        return False
+
+    # One more image ($0.04) or 2.5 s of audio ($0.025) would pass the limit: both are refused up front.
+    wait_until(lambda: stopped(lambda: sdk.images.generate(model="capped-image", prompt="x")), 30, "images stop")
+    assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5))))
+    # A shorter clip fits what is left ($0.01 of audio), once.
+    sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(1.0)))
+    with gateway.context() as ctx:
+        row = ctx.db.execute("SELECT sum(cost_usd) FROM usage_events WHERE workspace_id = %s",
+                             (t.workspace_id,)).fetchone()
+    assert row is not None and row[0] <= Decimal("0.1")
