@@ -112,9 +112,14 @@ def test_speech_whole_and_streamed_metered_by_input_characters(gateway: Gateway,
         assert streamed.headers["content-type"] == "audio/wav"
         pieces = list(streamed.iter_bytes())
     assert b"".join(pieces) == audio.content
-    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 2)
+    # A client hiding its text behind decoys: a nested `input`, a key that ends in an escaped "input".
+    voice: Any = {"id": "alloy", "input": "x"}
+    decoyed = sdk.audio.speech.create(model="m-speech", voice=voice, input="the real text",
+                                      extra_body={'x "input': "y"})
+    assert len(decoyed.content) == 13 * 64
+    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 3)
     assert [(r["unit"], r["quantity"], r["cost_usd"]) for r in metered] == [
-        ("character", len(text), len(text) * CHARACTER_USD)] * 2
+        ("character", len(text), len(text) * CHARACTER_USD)] * 2 + [("character", 13, 13 * CHARACTER_USD)]
 
 
 def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
@@ -124,11 +129,15 @@ def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: T
     plain = sdk.audio.translations.create(model="m-voice", file=("clip.wav", audio, "audio/wav"),
                                           response_format="text")
     assert str(plain).strip() == "Translated 2.5 seconds of audio."
+    # Five minutes of 16 kHz audio (9.6 MB): the file is read whole, the `model` found after it.
+    long = sdk.audio.translations.create(model="m-voice", file=("long.wav", wav(300.0)), response_format="text")
+    assert str(long).strip() == "Translated 300 seconds of audio."
     transcribed = rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 1)
-    translated = rows(gateway, tenant.workspace_id, "/v1/audio/translations", 1)
+    translated = rows(gateway, tenant.workspace_id, "/v1/audio/translations", 2)
     # The upstream's own usage where it reports one (json), else the WAV header's duration (text).
     assert [(r["unit"], r["quantity"], r["unit_detail"], r["cost_usd"]) for r in transcribed + translated] == [
-        ("audio_second", 2.5, "upstream", Decimal("0.025")), ("audio_second", 2.5, "wav", Decimal("0.025"))]
+        ("audio_second", 2.5, "upstream", Decimal("0.025")), ("audio_second", 2.5, "wav", Decimal("0.025")),
+        ("audio_second", 300.0, "wav", Decimal("3"))]
 
 
 def test_each_route_refuses_other_modalities_and_own_runpod_serves_llm_and_embedding_only(
@@ -175,9 +184,9 @@ def test_usage_report_shows_each_unit(gateway: Gateway, tenant: Tenant, sdk: ope
     period = report["periods"][0]
     models = {m["model"]: m for m in period["models"]}
     assert models["m-image"]["units"] == {"image": 6}
-    assert models["m-voice"]["units"] == {"audio_second": 5.0}
+    assert models["m-voice"]["units"] == {"audio_second": 305.0}
     assert models["m-llm"]["units"] == {}
-    assert period["units"] == {"audio_second": 5.0, "character": 2 * len('Say "input": naïve café 👋\n'),
+    assert period["units"] == {"audio_second": 305.0, "character": 2 * len('Say "input": naïve café 👋\n') + 13,
                                "image": 6}
     assert Decimal(models["m-image"]["cost_usd"]) == 6 * IMAGE_USD
     assert "6 images" in gateway.ctl("usage", tenant.workspace_id).stdout
@@ -203,6 +212,11 @@ def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: 
     # One more image ($0.04) or 2.5 s of audio ($0.025) would pass the limit: both are refused up front.
     wait_until(lambda: stopped(lambda: sdk.images.generate(model="capped-image", prompt="x")), 30, "images stop")
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5))))
+    # A client's own x-gateway-audio-seconds never reaches ext_authz (Envoy removes it before routing).
+    assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5)),
+                                                           extra_headers={"x-gateway-audio-seconds": "0"}))
+    # Not a WAV file: sized from its bytes (40 kB at 1,000 bytes a second: $0.40).
+    assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.mp3", b"\xff" * 40_000)))
     # A shorter clip fits what is left ($0.01 of audio), once.
     sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(1.0)))
     with gateway.context() as ctx:
