@@ -302,7 +302,7 @@ local function rewrite_stream(handle)
         pos = stop + 1
         if model == nil then model = first_model(event) end
         if typed == nil then typed = event:find('"object"%s*:%s*"[%w_.]*completion') == nil end
-        if has_text(event, '"content"') or has_text(event, '"text"') then
+        if has_text(event, '"content"') or has_text(event, '"text"') or (typed and has_text(event, '"delta"')) then
           counted = counted + 1
           seen = true
         end

@@ -7,6 +7,7 @@ One gateway for the module."""
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import wave
 from decimal import Decimal
@@ -16,6 +17,9 @@ import openai
 import pytest
 
 from control import deployments, hotsync, pricing
+from extauth.reservation import ReservationPolicy
+from extauth.state import DeploymentEntry
+from meter.parse import Reject, UsageRecord, parse_line
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant
 from tests.support import wait_until
 
@@ -223,3 +227,36 @@ def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: 
         row = ctx.db.execute("SELECT sum(cost_usd) FROM usage_events WHERE workspace_id = %s",
                              (t.workspace_id,)).fetchone()
     assert row is not None and row[0] <= Decimal("0.1")
+
+
+def _line(**fields: Any) -> bytes:
+    base = {"request_id": secrets.token_hex(8), "status": 200, "destination": "managed", "upstream_host": "1.2.3.4:443",
+            "usage_source": None, "prompt_tokens": None, "completion_tokens": None, "bytes_received": 4000}
+    return json.dumps({**base, **fields}).encode()
+
+
+def test_the_meter_counts_a_unit_only_for_a_served_request() -> None:
+    served = parse_line(_line(unit="image", quantity=2.0, unit_detail="512x512"))
+    assert isinstance(served, UsageRecord)
+    assert (served.unit, served.quantity, served.unit_detail, served.usage_estimated) == ("image", 2, "512x512", False)
+    assert served.prompt_tokens == 0  # no token estimate from the body's bytes for a unit-metered request
+    for refused in (_line(unit="audio_second", quantity=3.5, status=400),
+                    _line(unit="audio_second", quantity=3.5, status=200, upstream_host=None)):
+        record = parse_line(refused)
+        assert isinstance(record, UsageRecord) and (record.unit, record.quantity) == ("audio_second", 0)
+    assert isinstance(parse_line(_line(unit="image", quantity=-1)), Reject)
+    assert isinstance(parse_line(_line(unit="dollar", quantity=1)), Reject)
+
+
+def test_reservations_in_each_unit() -> None:
+    policy = ReservationPolicy()
+
+    def entry(modality: str, unit: str) -> DeploymentEntry:
+        return DeploymentEntry("d", "m", modality, "managed", "ep", None, 0, 0.0, 0.0, unit, 0.5)
+
+    assert policy.cost_uusd(entry("image", "image"), "100", None, "3") == 1_500_000  # n images
+    assert policy.cost_uusd(entry("image", "image"), "100", None, "100000") == 64_000_000  # n capped at 128
+    assert policy.cost_uusd(entry("speech", "character"), "40", None, None) == 20_000_000  # ≤ body bytes
+    assert policy.cost_uusd(entry("voice", "audio_second"), "96044", None, None, "3.000") == 1_500_000  # WAV
+    assert policy.cost_uusd(entry("voice", "audio_second"), "50000", None, None, None) == 25_000_000  # bytes
+    assert not entry("image", "token").priced and entry("image", "image").priced
