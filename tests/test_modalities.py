@@ -121,9 +121,14 @@ def test_speech_whole_and_streamed_metered_by_input_characters(gateway: Gateway,
     decoyed = sdk.audio.speech.create(model="m-speech", voice=voice, input="the real text",
                                       extra_body={'x "input': "y"})
     assert len(decoyed.content) == 13 * 64
-    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 3)
+    # A client that hangs up after the first piece of a long synthesis still pays for what it asked.
+    long = "word " * 800
+    with sdk.audio.speech.with_streaming_response.create(model="m-speech", voice="alloy", input=long) as cut:
+        assert next(cut.iter_bytes(1024))
+    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 4)
     assert [(r["unit"], r["quantity"], r["cost_usd"]) for r in metered] == [
-        ("character", len(text), len(text) * CHARACTER_USD)] * 2 + [("character", 13, 13 * CHARACTER_USD)]
+        ("character", len(text), len(text) * CHARACTER_USD)] * 2 + [("character", 13, 13 * CHARACTER_USD),
+                                                                    ("character", 4000, 4000 * CHARACTER_USD)]
 
 
 def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
@@ -190,7 +195,7 @@ def test_usage_report_shows_each_unit(gateway: Gateway, tenant: Tenant, sdk: ope
     assert models["m-image"]["units"] == {"image": 6}
     assert models["m-voice"]["units"] == {"audio_second": 305.0}
     assert models["m-llm"]["units"] == {}
-    assert period["units"] == {"audio_second": 305.0, "character": 2 * len('Say "input": naïve café 👋\n') + 13,
+    assert period["units"] == {"audio_second": 305.0, "character": 2 * len('Say "input": naïve café 👋\n') + 13 + 4000,
                                "image": 6}
     assert Decimal(models["m-image"]["cost_usd"]) == 6 * IMAGE_USD
     assert "6 images" in gateway.ctl("usage", tenant.workspace_id).stdout
