@@ -73,8 +73,10 @@ The OpenAI route, worker by worker (re-read these files when a pinned tag change
         (the `openai` SDK's `Response` and `ResponseStreamEvent` types, which vLLM's serving_responses
         produces): a `response` object with `output: [{"type": "message", "content": [{"type":
         "output_text", "text"}]}]` and `usage: {input_tokens, output_tokens, total_tokens}`; streamed as
-        `event: <type>` / `data: <json>` events, response.created ... response.output_text.delta ...
-        response.completed, the last one carrying the usage (no `[DONE]`). Usage is counted as for chat.
+        vLLM's `vllm/entrypoints/openai/responses/api_router.py` `_convert_stream_to_sse_events` writes
+        them: `event: <type>\ndata: <compact json>\n\n` (the event's fields in the SDK type's order,
+        `type` last), response.created ... response.output_text.delta ... response.completed, the last
+        one carrying the usage, and no `[DONE]`. Usage is counted as for chat.
     Images, speech and voice: RunPod publishes no worker that serves these as OpenAI routes (its image and
         audio workers, e.g. worker-comfyui and worker-faster_whisper, take queue jobs only). ASSUMED: the
         managed destination runs workers that serve OpenAI's routes behind RunPod's `/openai/v1/` proxy,
@@ -546,8 +548,9 @@ async def _responses(request: web.Request, ep: SimEndpoint, body: dict[str, Any]
     for n, event in enumerate(events):
         if n and ep.knobs.stream_delay_ms:
             await asyncio.sleep(ep.knobs.stream_delay_ms / 1000)
-        event["sequence_number"] = n
-        await stream.write(f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
+        kind = event.pop("type")
+        event |= {"sequence_number": n, "type": kind}
+        await stream.write(f"event: {kind}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
     await stream.write_eof()
     return stream
 
