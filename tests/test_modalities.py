@@ -21,7 +21,7 @@ from extauth.reservation import ReservationPolicy
 from extauth.state import DeploymentEntry
 from meter.parse import Reject, UsageRecord, parse_line
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant
-from tests.support import wait_until
+from tests.support import call, wait_until
 
 TOKEN_PRICE = pricing.Price(Decimal(10), Decimal(20))  # USD per million tokens
 IMAGE_USD, CHARACTER_USD, SECOND_USD = Decimal("0.04"), Decimal("0.0001"), Decimal("0.01")
@@ -138,7 +138,7 @@ def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: T
     plain = sdk.audio.translations.create(model="m-voice", file=("clip.wav", audio, "audio/wav"),
                                           response_format="text")
     assert str(plain).strip() == "Translated 2.5 seconds of audio."
-    # Five minutes of 16 kHz audio (9.6 MB): the file is read whole, the `model` found after it.
+    # Five minutes of 16 kHz audio (9.6 MB): the file is read whole.
     long = sdk.audio.translations.create(model="m-voice", file=("long.wav", wav(300.0)), response_format="text")
     assert str(long).strip() == "Translated 300 seconds of audio."
     transcribed = rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 1)
@@ -147,6 +147,24 @@ def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: T
     assert [(r["unit"], r["quantity"], r["unit_detail"], r["cost_usd"]) for r in transcribed + translated] == [
         ("audio_second", 2.5, "upstream", Decimal("0.025")), ("audio_second", 2.5, "wav", Decimal("0.025")),
         ("audio_second", 300.0, "wav", Decimal("3"))]
+
+
+def test_a_handmade_multipart_body_file_first_with_decoys(gateway: Gateway, tenant: Tenant) -> None:
+    """The form's `model` is read from part headers only: not from a file named "model", not from the
+    file's own bytes, wherever the field comes in the body."""
+    boundary = "b" + secrets.token_hex(8)
+    decoy = b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nm-llm\r\n'
+    parts = [(b'name="file"; filename="model"', b"Content-Type: audio/wav\r\n", wav(1.5) + decoy),
+             (b'name="response_format"', b"", b"text"), (b'name="model"', b"", b"m-voice")]
+    body = b"".join(b"--%s\r\nContent-Disposition: form-data; %s\r\n%s\r\n%s\r\n" % (boundary.encode(), d, h, v)
+                    for d, h, v in parts) + b"--%s--\r\n" % boundary.encode()
+    reply = call("POST", f"{gateway.base_url}/audio/transcriptions", raw=body, key=tenant.api_key,
+                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert reply.status == 200, reply.body
+    assert reply.body.decode().strip() == "Transcribed 1.5 seconds of audio."
+    # Seconds from the WAV header: the data chunk's size, not the bytes that follow it in the part.
+    [row] = [r for r in rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 2) if r["quantity"] == 1.5]
+    assert (row["model"], row["unit_detail"]) == ("m-voice", "wav")
 
 
 def test_each_route_refuses_other_modalities_and_own_runpod_serves_llm_and_embedding_only(
@@ -193,9 +211,9 @@ def test_usage_report_shows_each_unit(gateway: Gateway, tenant: Tenant, sdk: ope
     period = report["periods"][0]
     models = {m["model"]: m for m in period["models"]}
     assert models["m-image"]["units"] == {"image": 6}
-    assert models["m-voice"]["units"] == {"audio_second": 305.0}
+    assert models["m-voice"]["units"] == {"audio_second": 306.5}
     assert models["m-llm"]["units"] == {}
-    assert period["units"] == {"audio_second": 305.0, "character": 2 * len('Say "input": naïve café 👋\n') + 13 + 4000,
+    assert period["units"] == {"audio_second": 306.5, "character": 2 * len('Say "input": naïve café 👋\n') + 13 + 4000,
                                "image": 6}
     assert Decimal(models["m-image"]["cost_usd"]) == 6 * IMAGE_USD
     assert "6 images" in gateway.ctl("usage", tenant.workspace_id).stdout
