@@ -146,7 +146,7 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
         usage_estimated=usage_estimated,
         unit=unit,
         quantity=quantity,
-        unit_detail=_text(entry, "unit_detail") if unit else None,
+        unit_detail=_unit_detail(entry) if unit else None,
         duration_ms=_int(entry, "duration_ms", _INT4_MAX),
         ttfb_ms=_int(entry, "ttfb_ms", _INT4_MAX),
         bytes_received=_int(entry, "bytes_received", _INT8_MAX),
@@ -176,12 +176,17 @@ def _best_figures(
 def _units(entry: dict[str, Any], status: int | None) -> tuple[str | None, float]:
     """The request's unit and quantity: counted only when an endpoint served it (as tokens are), so a
     denial or an upstream error that the gateway measured on the way in costs nothing."""
-    unit = _text(entry, "unit")
+    units = entry.get("units")
+    if units in _ABSENT:
+        return None, 0.0
+    if not isinstance(units, dict):
+        raise _Malformed("units: not a JSON object")
+    unit = _text(units, "unit")
     if unit is None:
         return None, 0.0
     if unit not in _UNITS:
         raise _Malformed(f"unit: not one of {', '.join(_UNITS)}: {unit!r:.80}")
-    value = entry.get("quantity")
+    value = units.get("quantity")
     if isinstance(value, str) and value not in _ABSENT:
         try:
             value = float(value)
@@ -195,6 +200,12 @@ def _units(entry: dict[str, Any], status: int | None) -> tuple[str | None, float
     if not reached or status is None or status >= 400:
         return unit, 0.0
     return unit, float(value)
+
+
+def _unit_detail(entry: dict[str, Any]) -> str | None:
+    units = entry["units"]
+    detail = _text(units, "detail")
+    return detail[:64] if detail else None  # a client's `size` ends up here: bounded
 
 
 def _text(entry: dict[str, Any], key: str) -> str | None:

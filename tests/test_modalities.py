@@ -259,16 +259,17 @@ def _line(**fields: Any) -> bytes:
 
 
 def test_the_meter_counts_a_unit_only_for_a_served_request() -> None:
-    served = parse_line(_line(unit="image", quantity=2.0, unit_detail="512x512"))
+    served = parse_line(_line(units={"unit": "image", "quantity": 2.0, "detail": "512x512"}))
     assert isinstance(served, UsageRecord)
     assert (served.unit, served.quantity, served.unit_detail, served.usage_estimated) == ("image", 2, "512x512", False)
     assert served.prompt_tokens == 0  # no token estimate from the body's bytes for a unit-metered request
-    for refused in (_line(unit="audio_second", quantity=3.5, status=400),
-                    _line(unit="audio_second", quantity=3.5, status=200, upstream_host=None)):
+    seconds = {"unit": "audio_second", "quantity": 3.5, "detail": "wav"}
+    for refused in (_line(units=seconds, status=400), _line(units=seconds, status=200, upstream_host=None)):
         record = parse_line(refused)
         assert isinstance(record, UsageRecord) and (record.unit, record.quantity) == ("audio_second", 0)
-    assert isinstance(parse_line(_line(unit="image", quantity=-1)), Reject)
-    assert isinstance(parse_line(_line(unit="dollar", quantity=1)), Reject)
+    assert isinstance(parse_line(_line(units={"unit": "image", "quantity": -1})), Reject)
+    assert isinstance(parse_line(_line(units={"unit": "dollar", "quantity": 1})), Reject)
+    assert isinstance(parse_line(_line(units="image")), Reject)
 
 
 def test_reservations_in_each_unit() -> None:
