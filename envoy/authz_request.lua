@@ -12,7 +12,7 @@
 --
 -- The voice routes (/v1/audio/transcriptions, /v1/audio/translations) send multipart/form-data, which
 -- json_to_metadata does not read: for them only, the buffered body's `model` form field is handed over
--- the same way, and the duration of a WAV `file` (its RIFF header: data bytes / byte rate) as
+-- the same way, and the duration of WAV `file`s (the RIFF header: data bytes / byte rate) as
 -- x-gateway-audio-seconds (it sizes the spend reservation) and into `gateway.usage:units` (the metered
 -- audio seconds unless the upstream's answer reports its own, envoy/gateway.lua).
 
@@ -59,7 +59,8 @@ local function wav_seconds(text, from, to)
   return nil
 end
 
--- The `model` form field and the `file` part's WAV duration of a multipart body.
+-- The `model` form field and the audio seconds of the `file` parts of a multipart body: the sum of
+-- their WAV durations, or false when one is not a WAV file (nil: no file).
 local function multipart(handle, content_type)
   local boundary = (content_type or ""):match('^multipart/form%-data;.-boundary="?([^";]+)"?')
   if not boundary then return nil end
@@ -78,8 +79,9 @@ local function multipart(handle, content_type)
     -- `[; ]name=`: not the end of `filename=`.
     if head:find('[; ]name="model"') then
       model = model or text:sub(head_end + 4, next_start - 1)
-    elseif head:find('[; ]name="file"') then
-      seconds = wav_seconds(text, head_end + 4, next_start)
+    elseif head:find('[; ]name="file"') and seconds ~= false then
+      local part = wav_seconds(text, head_end + 4, next_start)
+      seconds = part and (seconds or 0) + part or false
     end
     stop = next_stop
   end
@@ -99,6 +101,11 @@ local function voice(handle, headers)
     headers:add(AUDIO_SECONDS, string.format("%.3f", seconds))
     handle:streamInfo():dynamicMetadata():set(USAGE, "units",
       { unit = "audio_second", quantity = math.floor(seconds * 1000 + 0.5) / 1000, detail = "wav" })
+  elseif seconds == false then
+    -- Not measured here: the upstream's usage, if its answer has one, is the only figure (meter/parse.py
+    -- marks the row estimated otherwise).
+    handle:streamInfo():dynamicMetadata():set(USAGE, "units",
+      { unit = "audio_second", quantity = 0, detail = "unmeasured" })
   end
 end
 

@@ -148,22 +148,25 @@ local function string_end(text, open)
 end
 
 -- The escaped content of the string member `key` of the top-level object in `text` (nil if none):
--- a member of the same name inside a nested object or a string never counts.
+-- a member of the same name inside a nested object or a string never counts, and of two members of
+-- that name the last one does, as the upstream's JSON parser (Python's) reads it.
 local function top_level_string(text, key)
-  local depth, pos = 0, 1
+  local depth, pos, found = 0, 1, nil
   while true do
     local at = text:find('[{}%[%]"]', pos)
-    if at == nil then return nil end
+    if at == nil then return found end
     local c = text:byte(at)
     if c == 34 then
       local close = string_end(text, at)
-      if close == nil then return nil end
+      if close == nil then return found end
       pos = close + 1
       if depth == 1 and text:sub(at + 1, close - 1) == key then
         local _, open = text:find('^%s*:%s*"', pos)
+        found = nil -- a later non-string value replaces an earlier string too
         if open then
           local value_end = string_end(text, open)
-          return value_end and text:sub(open + 1, value_end - 1)
+          if value_end == nil then return nil end
+          found, pos = text:sub(open + 1, value_end - 1), value_end + 1
         end
       end
     else

@@ -31,6 +31,7 @@ BYTES_PER_TOKEN = 4
 # A modality's own units (control/pricing.py UNITS), as gateway.lua and authz_request.lua log them.
 _UNITS = ("image", "audio_second", "character")
 _MAX_QUANTITY = 1e12
+_UNMEASURED = "unmeasured"
 
 
 class UsageRecord(NamedTuple):
@@ -115,8 +116,10 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
     completion_tokens = _int(entry, "completion_tokens", _INT4_MAX)
     unit, quantity = _units(entry, status)
     if unit is not None:
-        # Metered in its own unit: its token figures (if any) are the upstream's, never estimated.
-        usage_estimated = False
+        # Metered in its own unit: its token figures (if any) are the upstream's, never estimated; a
+        # served request whose quantity nobody measured (audio the gateway cannot decode, an answer
+        # without usage) is marked estimated, at 0.
+        usage_estimated = status == 200 and _unit_detail(entry) == _UNMEASURED
     elif "usage_source" in entry:
         prompt_tokens, completion_tokens, usage_estimated = _best_figures(
             entry, status, prompt_tokens, completion_tokens)

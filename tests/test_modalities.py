@@ -121,14 +121,17 @@ def test_speech_whole_and_streamed_metered_by_input_characters(gateway: Gateway,
     decoyed = sdk.audio.speech.create(model="m-speech", voice=voice, input="the real text",
                                       extra_body={'x "input': "y"})
     assert len(decoyed.content) == 13 * 64
+    # Two `input` members: the upstream's parser takes the last, so does the meter.
+    twice = b'{"model": "m-speech", "voice": "alloy", "input": "a", "input": "the real text"}'
+    assert len(call("POST", f"{gateway.base_url}/audio/speech", raw=twice, key=tenant.api_key).body) == 13 * 64
     # A client that hangs up after the first piece of a long synthesis still pays for what it asked.
     long = "word " * 800
     with sdk.audio.speech.with_streaming_response.create(model="m-speech", voice="alloy", input=long) as cut:
         assert next(cut.iter_bytes(1024))
-    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 4)
+    metered = rows(gateway, tenant.workspace_id, "/v1/audio/speech", 5)
     assert [(r["unit"], r["quantity"], r["cost_usd"]) for r in metered] == [
-        ("character", len(text), len(text) * CHARACTER_USD)] * 2 + [("character", 13, 13 * CHARACTER_USD),
-                                                                    ("character", 4000, 4000 * CHARACTER_USD)]
+        ("character", len(text), len(text) * CHARACTER_USD)] * 2 + [("character", 13, 13 * CHARACTER_USD)] * 2 + [
+        ("character", 4000, 4000 * CHARACTER_USD)]
 
 
 def test_transcription_and_translation_of_a_wav_file(gateway: Gateway, tenant: Tenant, sdk: openai.OpenAI) -> None:
@@ -154,8 +157,10 @@ def test_a_handmade_multipart_body_file_first_with_decoys(gateway: Gateway, tena
     file's own bytes, wherever the field comes in the body."""
     boundary = "b" + secrets.token_hex(8)
     decoy = b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nm-llm\r\n'
+    # Two files: the gateway cannot know which one the upstream reads, so it meters both.
     parts = [(b'name="file"; filename="model"', b"Content-Type: audio/wav\r\n", wav(1.5) + decoy),
-             (b'name="response_format"', b"", b"text"), (b'name="model"', b"", b"m-voice")]
+             (b'name="response_format"', b"", b"text"), (b'name="model"', b"", b"m-voice"),
+             (b'name="file"; filename="b.wav"', b"", wav(0.5))]
     body = b"".join(b"--%s\r\nContent-Disposition: form-data; %s\r\n%s\r\n%s\r\n" % (boundary.encode(), d, h, v)
                     for d, h, v in parts) + b"--%s--\r\n" % boundary.encode()
     reply = call("POST", f"{gateway.base_url}/audio/transcriptions", raw=body, key=tenant.api_key,
@@ -163,7 +168,7 @@ def test_a_handmade_multipart_body_file_first_with_decoys(gateway: Gateway, tena
     assert reply.status == 200, reply.body
     assert reply.body.decode().strip() == "Transcribed 1.5 seconds of audio."
     # Seconds from the WAV header: the data chunk's size, not the bytes that follow it in the part.
-    [row] = [r for r in rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 2) if r["quantity"] == 1.5]
+    [row] = [r for r in rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 2) if r["quantity"] == 2.0]
     assert (row["model"], row["unit_detail"]) == ("m-voice", "wav")
 
 
@@ -211,9 +216,9 @@ def test_usage_report_shows_each_unit(gateway: Gateway, tenant: Tenant, sdk: ope
     period = report["periods"][0]
     models = {m["model"]: m for m in period["models"]}
     assert models["m-image"]["units"] == {"image": 6}
-    assert models["m-voice"]["units"] == {"audio_second": 306.5}
+    assert models["m-voice"]["units"] == {"audio_second": 307.0}
     assert models["m-llm"]["units"] == {}
-    assert period["units"] == {"audio_second": 306.5, "character": 2 * len('Say "input": naïve café 👋\n') + 13 + 4000,
+    assert period["units"] == {"audio_second": 307.0, "character": 2 * len('Say "input": naïve café 👋\n') + 26 + 4000,
                                "image": 6}
     assert Decimal(models["m-image"]["cost_usd"]) == 6 * IMAGE_USD
     assert "6 images" in gateway.ctl("usage", tenant.workspace_id).stdout
@@ -270,6 +275,9 @@ def test_the_meter_counts_a_unit_only_for_a_served_request() -> None:
     assert isinstance(parse_line(_line(units={"unit": "image", "quantity": -1})), Reject)
     assert isinstance(parse_line(_line(units={"unit": "dollar", "quantity": 1})), Reject)
     assert isinstance(parse_line(_line(units="image")), Reject)
+    # Audio the gateway could not measure and an answer without usage: 0 seconds, marked estimated.
+    unmeasured = parse_line(_line(units={"unit": "audio_second", "quantity": 0, "detail": "unmeasured"}))
+    assert isinstance(unmeasured, UsageRecord) and (unmeasured.quantity, unmeasured.usage_estimated) == (0, True)
 
 
 def test_reservations_in_each_unit() -> None:
