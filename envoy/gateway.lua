@@ -160,7 +160,8 @@ local function top_level_string(text, key)
       local close = string_end(text, at)
       if close == nil then return found end
       pos = close + 1
-      if depth == 1 and text:sub(at + 1, close - 1) == key then
+      -- A member's name, not a value that happens to read the same (`"voice": "input"`).
+      if depth == 1 and text:find("^%s*:", pos) and text:sub(at + 1, close - 1) == key then
         local _, open = text:find('^%s*:%s*"', pos)
         found = nil -- a later non-string value replaces an earlier string too
         if open then

@@ -121,8 +121,8 @@ def test_speech_whole_and_streamed_metered_by_input_characters(gateway: Gateway,
     decoyed = sdk.audio.speech.create(model="m-speech", voice=voice, input="the real text",
                                       extra_body={'x "input': "y"})
     assert len(decoyed.content) == 13 * 64
-    # Two `input` members: the upstream's parser takes the last, so does the meter.
-    twice = b'{"model": "m-speech", "voice": "alloy", "input": "a", "input": "the real text"}'
+    # Two `input` members: the upstream's parser takes the last, so does the meter; a value "input" is no member.
+    twice = b'{"model": "m-speech", "input": "a", "input": "the real text", "voice": "input"}'
     assert len(call("POST", f"{gateway.base_url}/audio/speech", raw=twice, key=tenant.api_key).body) == 13 * 64
     # A client that hangs up after the first piece of a long synthesis still pays for what it asked.
     long = "word " * 800
