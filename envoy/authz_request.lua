@@ -48,6 +48,7 @@ local function wav_seconds(text, from, to)
   while at + 8 <= to do
     local id, size = text:sub(at, at + 3), u32(text, at + 4)
     if id == "fmt " then
+      if at + 20 > to then return nil end
       rate = u32(text, at + 16) -- byte rate
     elseif id == "data" then
       if not rate or rate == 0 then return nil end
