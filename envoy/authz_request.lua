@@ -1,6 +1,7 @@
 -- Hands the request body's `model` (lifted by json_to_metadata just before) to ext_authz as the
 -- header x-gateway-model, so the body itself never travels to ext_authz; and, when the body states
--- them, its completion budget (`max_completion_tokens`, else `max_tokens`) as x-gateway-max-tokens and
+-- them, its completion budget (`max_completion_tokens`, else `max_tokens`, else the Responses API's
+-- `max_output_tokens`) as x-gateway-max-tokens and
 -- its choice count `n` as x-gateway-choices, and the body's size as x-gateway-body-bytes (Envoy sends
 -- ext_authz a check with content-length 0): together they size a managed request's spend reservation.
 --
@@ -120,6 +121,7 @@ function envoy_on_request(handle)
   local length = headers:get("content-length")
   if length then headers:add(BODY_BYTES, length) end
   local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
+    or count(body["max_output_tokens"]) -- the Responses API's
   if budget then headers:add(MAX_TOKENS, budget) end
   local choices = count(body["n"])
   if choices then headers:add(CHOICES, choices) end

@@ -5,7 +5,8 @@ ext_authz never sees the body, so the estimate is an upper one from what it does
 - prompt tokens ≤ the body's bytes (its `content-length`, handed over by envoy/authz_request.lua): a
   byte-level BPE token covers at least one byte, and the JSON around the text only adds bytes. A body
   without a length (chunked, or HTTP/2 without the header) reserves EXTAUTH_SPEND_UNSIZED_PROMPT_TOKENS.
-- completion tokens ≤ the body's `max_completion_tokens` (else `max_tokens`) times its `n`, handed over
+- completion tokens ≤ the body's `max_completion_tokens` (else `max_tokens`, else the Responses API's
+  `max_output_tokens`) times its `n`, handed over
   by envoy/authz_request.lua; a request that states no budget reserves
   EXTAUTH_SPEND_DEFAULT_COMPLETION_TOKENS per choice, and may overshoot its reservation. Embeddings
   have no completion.

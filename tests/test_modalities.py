@@ -279,6 +279,11 @@ def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: 
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.mp3", b"\xff" * 40_000)))
     # A shorter clip fits what is left ($0.01 of audio), once.
     sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(1.0)))
+    # The Responses API's max_output_tokens sizes its reservation (16 tokens at $20 per million, not the
+    # 4,096 a request without a budget reserves, which would not fit the $0.01 left).
+    deploy(gateway, t.workspace_id, "llm", "capped-llm", TOKEN_PRICE)
+    assert sdk.responses.create(model="capped-llm", input="a b", max_output_tokens=16).output_text == "Echo: a b"
+    assert stopped(lambda: sdk.responses.create(model="capped-llm", input="a b"))
     with gateway.context() as ctx:
         row = ctx.db.execute("SELECT sum(cost_usd) FROM usage_events WHERE workspace_id = %s",
                              (t.workspace_id,)).fetchone()
