@@ -51,7 +51,8 @@ def _deploy(ctx: Context, a: argparse.Namespace) -> Any:
             return plan
         print(deployments.render_dry_run(plan))
         return None
-    return deployments.deploy(ctx, a.workspace, opts, price=pricing.explicit(a.price_input, a.price_output))
+    return deployments.deploy(ctx, a.workspace, opts, price=pricing.explicit(
+        a.price_input, a.price_output, a.price_per_unit, a.modality))
 
 
 def _usage(ctx: Context, a: argparse.Namespace) -> Any:
@@ -82,7 +83,7 @@ COMMANDS: dict[tuple[str, ...], Handler] = {
     ("hf-token", "clear"): lambda ctx, a: hf_tokens.clear_token(ctx, a.workspace),
     ("workspace", "set-spend-limit"): lambda ctx, a: spend.set_limit(ctx, a.workspace, a.usd),
     ("prices", "set"): lambda ctx, a: pricing.set_price(
-        ctx, deployments.find(ctx, a.deployment, a.workspace), a.input, a.output
+        ctx, deployments.find(ctx, a.deployment, a.workspace), a.input, a.output, a.unit, a.usd
     ),
     ("usage",): _usage,
     ("master-key", "rotate"): lambda ctx, a: credentials.rotate_master_key(ctx, a.retire_old),
@@ -187,13 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         "set a managed deployment's price per million tokens",
         "gatewayctl prices set dep_0123 --input 0.15 --output 0.60",
         "gatewayctl prices set chat --workspace acme --input 0.15 --output 0.60",
+        "gatewayctl prices set painter --workspace acme --unit image --usd 0.04",
         about="Prices belong to one deployment: two workspaces' deployments of the same public name are priced\n"
-        "independently. `deployments list WS` shows the ids."))
+        "independently. `deployments list WS` shows the ids. Each modality has its unit: token (llm,\n"
+        "embedding: --input/--output per million), image, audio_second (voice), character (speech: --usd each)."))
     p.add_argument("deployment", help="the managed deployment's id, or its public name (with --workspace when "
                    "several workspaces use it)")
     p.add_argument("--workspace", "-w", help="the workspace whose deployment DEPLOYMENT names")
-    p.add_argument("--input", type=Decimal, required=True, help="USD per million input tokens")
-    p.add_argument("--output", type=Decimal, required=True, help="USD per million output tokens")
+    p.add_argument("--input", type=Decimal, help="USD per million input tokens")
+    p.add_argument("--output", type=Decimal, help="USD per million output tokens")
+    p.add_argument("--unit", choices=["token", "image", "audio_second", "character"],
+                   help="the unit priced (default: the deployment's modality's, which it must be)")
+    p.add_argument("--usd", type=Decimal, help="USD per image, audio second or character")
 
     ks = sub.add_parser("keys", **_doc("gateway API keys")).add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -283,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and projected monthly cost (base fee + usage estimate); a Hugging Face token shows masked")
     p.add_argument("--price-input", type=Decimal, help="managed: USD per million input tokens (default: catalog)")
     p.add_argument("--price-output", type=Decimal, help="managed: USD per million output tokens (default: catalog)")
+    p.add_argument("--price-per-unit", type=Decimal,
+                   help="managed image, speech, voice: USD per image, input character, or second of audio")
     p.add_argument("--utilization", type=float, default=0.1,
                    help="with --dry-run: fraction of the month a worker is busy (default 0.1)")
     p = sub.add_parser("usage", parents=[common], **_doc(

@@ -33,6 +33,13 @@ EMBEDDING_IMAGE = "runpod/worker-infinity-embedding:1.1.4"
 # worker scheduled on an older one fails at container start (its commit dac05b6).
 VLLM_CUDA = ("13.0",)
 EMBEDDING_CUDA = ("12.7", "12.6", "12.5", "12.4")
+# The worker each modality runs. worker-vllm proxies any OpenAI route to vLLM (runpod-workers.md), and
+# vLLM serves Whisper's audio/transcriptions and audio/translations (voice). RunPod publishes no worker
+# that serves images/generations or audio/speech as OpenAI routes (its image and audio workers take queue
+# jobs): image and speech deployments are ASSUMED to run an OpenAI-serving worker that reads worker-vllm's
+# env (MODEL_NAME, OPENAI_SERVED_MODEL_NAME_OVERRIDE); change their image here when one is chosen.
+WORKER_IMAGES = {"llm": VLLM_IMAGE, "embedding": EMBEDDING_IMAGE, "image": VLLM_IMAGE, "speech": VLLM_IMAGE,
+                 "voice": VLLM_IMAGE}
 # Organisations whose Hugging Face models are commonly gated: a deploy without a token warns.
 GATED_ORGS = ("meta-llama", "google", "mistralai")
 # RunPod's model caching ("Cached models", runpod/docs `serverless/endpoints/model-caching.mdx`) is set in
@@ -89,9 +96,12 @@ def _template_body(name: str, opts: DeployOptions, plan: _Plan, hf_token: str | 
             "ENABLE_FORCE_INCLUDE_USAGE": "true",
             **common,
         }
-    else:
+    elif opts.modality == "embedding":
         image = EMBEDDING_IMAGE
         env = {"MODEL_NAMES": opts.model, "OPENAI_SERVED_MODEL_NAME_OVERRIDE": opts.public_name, **common}
+    else:
+        image = WORKER_IMAGES[opts.modality]
+        env = {"MODEL_NAME": opts.model, "OPENAI_SERVED_MODEL_NAME_OVERRIDE": opts.public_name, **common}
     return {"name": name, "image": image, "env": env, "serverless": True, "disk": plan.sizing.disk_gb,
             "allowedCudaVersions": list(plan.cuda), "startSsh": False, "startJupyter": False}
 
@@ -141,7 +151,7 @@ def _plan(ctx: Context, client: RunPodClient, ws_id: str, opts: DeployOptions, u
             "pool": pool, "memory_gb": pools[pool]["memory_gb"], "usd_per_second": round(per_second, 8),
             "projected_monthly_usd_per_worker": round(per_second * SECONDS_PER_MONTH * utilization, 2),
         })
-    cuda = VLLM_CUDA if opts.modality == "llm" else EMBEDDING_CUDA
+    cuda = VLLM_CUDA if WORKER_IMAGES[opts.modality] == VLLM_IMAGE else EMBEDDING_CUDA
     per_worker, fee = tiers.monthly_fee(opts.gpu_pools, min_workers)
     return _Plan(sizing, cuda, token, source, priced, tuple(warnings), min_workers, per_worker, fee)
 
@@ -259,7 +269,7 @@ def deploy(
     say = progress or (lambda message: print(message, file=sys.stderr))
     ws = workspaces.resolve(ctx, ws_ref)
     warm = _check_deployable(ctx, ws, opts)
-    managed_price = pricing.for_deploy(opts.model, price) if opts.destination == "managed" else None
+    managed_price = pricing.for_deploy(opts.model, price, opts.modality) if opts.destination == "managed" else None
     account_id, client = _runpod_for(ctx, ws["id"], opts.destination)
     plan = _plan(ctx, client, ws["id"], opts, 1.0, warm)
     for warning in plan.warnings:

@@ -10,7 +10,8 @@ Served routes
     GET /v2/catalog/gpus                           a fixed GPU catalog with serverless list prices
     GET /v2/{endpoint}/health, POST /v2/{endpoint}/run|runsync|purge-queue,
     * /v2/{endpoint}/status|cancel|retry|stream/{job}
-    GET /v2/{endpoint}/openai/v1/models, POST .../chat/completions|completions|embeddings
+    GET /v2/{endpoint}/openai/v1/models, POST .../chat/completions|completions|embeddings|responses|
+        images/generations|audio/speech|audio/transcriptions|audio/translations
 
 Control routes (no auth, never recorded)
     GET    /_sim/healthz                 200 "ok"
@@ -68,6 +69,26 @@ The OpenAI route, worker by worker (re-read these files when a pinned tag change
     vLLM streams (`vllm/entrypoints/utils.py` should_include_usage, PR #37923): with
         ENABLE_FORCE_INCLUDE_USAGE on, usage (cumulative) is in every chunk and a final `choices: []` chunk
         carries it, whatever the client asked; otherwise only with `stream_options.include_usage`.
+    The Responses API (`/v1/responses`): worker-vllm's handler proxies any route to vLLM, and its README
+        lists Responses among vLLM's served APIs (runpod-workers.md). Shapes follow OpenAI's API reference
+        (the `openai` SDK's `Response` and `ResponseStreamEvent` types, which vLLM's serving_responses
+        produces): a `response` object with `output: [{"type": "message", "content": [{"type":
+        "output_text", "text"}]}]` and `usage: {input_tokens, output_tokens, total_tokens}`; streamed as
+        vLLM's `vllm/entrypoints/openai/responses/api_router.py` `_convert_stream_to_sse_events` writes
+        them: `event: <type>\ndata: <compact json>\n\n` (the event's fields in the SDK type's order,
+        `type` last), response.created ... response.output_text.delta ... response.completed, the last
+        one carrying the usage, and no `[DONE]`. Usage is counted as for chat.
+    Images, speech and voice: RunPod publishes no worker that serves these as OpenAI routes (its image and
+        audio workers, e.g. worker-comfyui and worker-faster_whisper, take queue jobs only). ASSUMED: the
+        managed destination runs workers that serve OpenAI's routes behind RunPod's `/openai/v1/` proxy,
+        as worker-vllm does (vLLM serves Whisper's transcriptions/translations itself), and RunPod's proxy
+        passes a multipart body through as it passes JSON. Shapes follow OpenAI's API reference:
+        images/generations `{"created", "data": [{"b64_json"}]}` (one deterministic PNG-signed blob per
+        `n`, 1-10); audio/speech the audio bytes (`response_format` mp3 → audio/mpeg, wav → audio/wav, ...)
+        sent in pieces as they are "synthesized" (so a streamed answer streams); transcriptions and
+        translations (multipart: `file`, `model`, `response_format`) `{"text", "usage": {"type":
+        "duration", "seconds"}}` for json (TranscriptTextUsageDuration), the bare text for `text`; the
+        duration is the WAV file's (data bytes / byte rate), other formats are refused with 400.
     worker-infinity-embedding (`src/handler.py`, `src/embedding_service.py`, `src/utils.py`): routes
         /v1/models and /v1/embeddings only ("Invalid OpenAI Route: ..." otherwise); `encoding_format` is
         ignored (floats always); with one model loaded any `model` name is answered; errors are HTTP 200
@@ -82,6 +103,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -402,6 +424,136 @@ def _runs_infinity(env: dict[str, str]) -> bool:
 def served_models(env: dict[str, str]) -> list[str]:
     name = env.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE") or env.get("MODEL_NAME")
     return [name] if name else [m for m in env.get("MODEL_NAMES", "").split(";") if m]
+
+
+_VLLM_ROUTES = ("chat/completions", "completions", "embeddings", "responses", "images/generations",
+                "audio/speech", "audio/transcriptions", "audio/translations")
+_AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                "wav": "audio/wav", "pcm": "audio/pcm"}
+SPEECH_BYTES_PER_CHARACTER = 64  # deterministic "audio": this many bytes per input character
+SPEECH_CHUNK_BYTES = 1024
+
+
+def wav_seconds(data: bytes) -> float | None:
+    """A RIFF/WAVE file's duration: its data chunk's bytes over the fmt chunk's byte rate."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    at, rate = 12, 0
+    while at + 8 <= len(data):
+        chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if chunk == b"fmt ":
+            rate = int.from_bytes(data[at + 16:at + 20], "little")
+        elif chunk == b"data":
+            return round(min(size, len(data) - at - 8) / rate, 3) if rate else None
+        at += 8 + size + size % 2
+    return None
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body (the first of each name)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise _openai_error(400, "expected a multipart/form-data body")
+    fields: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            fields.setdefault(name, payload)
+    return fields
+
+
+def _images(body: dict[str, Any]) -> web.StreamResponse:
+    n = body.get("n", 1)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise _openai_error(400, "prompt must be a non-empty string")
+    if _t(int, minimum=1, maximum=10)(n, "n"):
+        raise _openai_error(400, "n must be an integer from 1 to 10")
+    size = body.get("size", "1024x1024")
+    data = [{"b64_json": base64.b64encode(b"\x89PNG\r\n\x1a\n" + hashlib.sha256(
+        f"{prompt}|{size}|{i}".encode()).digest()).decode()} for i in range(n)]
+    return web.json_response({"created": int(time.time()), "data": data})
+
+
+async def _speech(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    text, voice = body.get("input"), body.get("voice")
+    if not isinstance(text, str) or not text or voice is None:
+        raise _openai_error(400, "input (a non-empty string) and voice are required")
+    content_type = _AUDIO_TYPES.get(body.get("response_format", "mp3"))
+    if content_type is None:
+        raise _openai_error(400, f"response_format must be one of {', '.join(_AUDIO_TYPES)}")
+    seed = hashlib.sha256(text.encode()).digest()
+    audio = (seed * (len(text) * SPEECH_BYTES_PER_CHARACTER // len(seed) + 1))[:len(text) * SPEECH_BYTES_PER_CHARACTER]
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for start in range(0, len(audio), SPEECH_CHUNK_BYTES):
+        await response.write(audio[start:start + SPEECH_CHUNK_BYTES])
+        await asyncio.sleep(0.001)
+    await response.write_eof()
+    return response
+
+
+async def _responses(request: web.Request, ep: SimEndpoint, body: dict[str, Any], model: str) -> web.StreamResponse:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list) and all(isinstance(m, dict) for m in raw):
+        texts = [_text(m.get("content")) for m in raw]
+    else:
+        raise _openai_error(400, "input must be a string or a list of input items")
+    limit = body.get("max_output_tokens")
+    if limit is not None and _t(int, minimum=1)(limit, "max_output_tokens"):
+        raise _openai_error(400, "max_output_tokens must be a positive integer")
+    words, finish = _reply(texts[-1] if texts else "", limit)
+    text = " ".join(words)
+    prompt_tokens = sum(len(_words(t)) for t in texts)
+    usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": prompt_tokens + len(words)}
+    message_id = f"msg_{uuid.uuid4().hex}"
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": message_id, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+    response = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+                "model": model, "status": "completed" if finish == "stop" else "incomplete",
+                "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+                "output": [item], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+                "max_output_tokens": limit, "usage": usage, "error": None, "instructions": None,
+                "metadata": {}, "text": {"format": {"type": "text"}}}
+    if not body.get("stream"):
+        return web.json_response(response)
+    started = {**response, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+    empty_item = {**item, "status": "in_progress", "content": []}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": empty_item},
+        {"type": "response.content_part.added", "item_id": message_id, "output_index": 0, "content_index": 0,
+         "part": {**part, "text": ""}},
+        *({"type": "response.output_text.delta", "item_id": message_id, "output_index": 0, "content_index": 0,
+           "delta": w if i == 0 else f" {w}", "logprobs": []} for i, w in enumerate(words)),
+        {"type": "response.output_text.done", "item_id": message_id, "output_index": 0, "content_index": 0,
+         "text": text, "logprobs": []},
+        {"type": "response.content_part.done", "item_id": message_id, "output_index": 0, "content_index": 0,
+         "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed" if finish == "stop" else "response.incomplete", "response": response},
+    ]
+    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await stream.prepare(request)
+    for n, event in enumerate(events):
+        if n and ep.knobs.stream_delay_ms:
+            await asyncio.sleep(ep.knobs.stream_delay_ms / 1000)
+        kind = event.pop("type")
+        event |= {"sequence_number": n, "type": kind}
+        await stream.write(f"event: {kind}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
+    await stream.write_eof()
+    return stream
 
 
 # --- the serverless worker lifecycle ------------------------------------------------------------------------
@@ -884,8 +1036,10 @@ class Simulator:
             models = [{"id": m, "object": "model", "created": created, "owned_by": "vllm", "root": m,
                        "parent": None} for m in served]
             return web.json_response({"object": "list", "data": models})
-        if request.method != "POST" or route not in ("chat/completions", "completions", "embeddings"):
+        if request.method != "POST" or route not in _VLLM_ROUTES:
             raise _openai_error(404, f"route /v1/{route} not found", "NotFoundError")
+        if route in ("audio/transcriptions", "audio/translations"):
+            return await self._transcribe(request, ep, served, route == "audio/translations")
         body = await _json(request, _openai_error_factory, _t(dict))
         model = body.get("model") or (served[0] if served else "")
         fail = ep.knobs.fail
@@ -904,6 +1058,12 @@ class Simulator:
         ep.completed += 1
         if route == "embeddings":
             return self._embeddings(body, model, ep.knobs.embedding_dim)
+        if route == "images/generations":
+            return _images(body)
+        if route == "audio/speech":
+            return await _speech(request, body)
+        if route == "responses":
+            return await _responses(request, ep, body, model)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and _t(int, minimum=0)(limit, "max_tokens"):
             raise _openai_error(400, "max_tokens must be a non-negative integer")
@@ -922,6 +1082,27 @@ class Simulator:
                           if m.get("role") == "user"), "")
         return await self._generate(request, ep, body, model, True, [last_user],
                                     sum(len(_words(t)) for t in texts), limit)
+
+    @staticmethod
+    async def _transcribe(request: web.Request, ep: SimEndpoint, served: list[str],
+                          translate: bool) -> web.StreamResponse:
+        fields = _multipart(request.headers.get("Content-Type", ""), await request.read())
+        model = fields.get("model", b"").decode("utf-8", "replace")
+        if served and model not in served:
+            status, kind, message = VLLM_ERRORS["vllm_unknown_model"]
+            ep.failed += 1
+            return web.json_response(_vllm_error(status, kind, message.replace("{model}", model)))
+        audio = fields.get("file")
+        if audio is None:
+            raise _openai_error(400, "file is required")
+        seconds = wav_seconds(audio)
+        if seconds is None:
+            raise _openai_error(400, "the simulator decodes WAV files only")
+        ep.completed += 1
+        text = ("Translated" if translate else "Transcribed") + f" {seconds:g} seconds of audio."
+        if fields.get("response_format", b"json") == b"text":
+            return web.Response(text=text + "\n", content_type="text/plain")
+        return web.json_response({"text": text, "usage": {"type": "duration", "seconds": seconds}})
 
     async def _infinity(self, request: web.Request, ep: SimEndpoint) -> web.StreamResponse:
         """worker-infinity-embedding 1.1.4, src/handler.py async_generator_handler's openai branch."""

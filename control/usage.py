@@ -1,8 +1,8 @@
 """`gatewayctl usage`: what a workspace used and spent in the current billing period (the calendar
 month, UTC) and the two before it: a daily cost chart (an SVG file, and a compact terminal view), the
-token breakdown, cost per model, error counts, and the same per key. Active deployments' base fees
-(control/tiers.py) are prorated per day beside the usage cost: `base_fee_usd` per day, per deployment
-and per period, and `total_usd` = usage cost + base fee."""
+token breakdown and each modality's own units, cost per model, error counts, and the same per key.
+Active deployments' base fees (control/tiers.py) are prorated per day beside the usage cost:
+`base_fee_usd` per day, per deployment and per period, and `total_usd` = usage cost + base fee."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime, now
     ).fetchone()
     assert total is not None
     fee_total = sum(fees_by_day.values(), Decimal(0))
+    period_units, model_units = _units(ctx, where, args)
+    models = grouped("model")
+    for m in models:
+        m["units"] = model_units.get(m["model"], {})
     return {
         "period": start.strftime("%Y-%m"),
         "start": start.date().isoformat(),
@@ -122,11 +126,36 @@ def _period_report(ctx: Context, ws_id: str, start: datetime, end: datetime, now
         "total_usd": usd(total[3] + fee_total),
         "base_fees": fees,
         "errors": errors,
+        "units": period_units,
         "daily": days,
-        "models": grouped("model"),
+        "models": models,
         "keys": grouped("key_id"),
         "latency_ms": _latency(period_activity[2:]),
     }
+
+
+def _units(ctx: Context, where: str, args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Each modality's own units used (control/pricing.py UNITS; only those used), in all and per model:
+    `{"image": N, "audio_second": X, "character": Y}` (images and characters whole, seconds to 3 places).
+    Their cost is in the cost figures already."""
+    total: dict[str, Any] = {}
+    by_model: dict[str, dict[str, Any]] = {}
+    for model, unit, quantity in ctx.db.execute(
+        f"SELECT coalesce(model, '-'), unit, sum(quantity) FROM usage_events WHERE {where}"
+        " AND unit IS NOT NULL AND quantity > 0 GROUP BY 1, 2 ORDER BY 1, 2",
+        args,
+    ):
+        by_model.setdefault(model, {})[unit] = _quantity(unit, quantity)
+        total[unit] = _quantity(unit, quantity + total.get(unit, 0))
+    return dict(sorted(total.items())), by_model
+
+
+def _quantity(unit: str, value: float) -> int | float:
+    return round(value, 3) if unit == "audio_second" else round(value)
+
+
+def _units_text(units: dict[str, Any]) -> str:
+    return "".join(f", {q} {unit}{'' if q == 1 else 's'}" for unit, q in units.items())
 
 
 def report(ctx: Context, ws_ref: str, chart_dir: Path, now: datetime | None = None) -> dict[str, Any]:
@@ -180,11 +209,13 @@ def render_text(result: dict[str, Any]) -> str:
     lines = []
     for rep in result["periods"]:
         lines.append(terminal_chart(rep))
-        lines.append(f"  requests {rep['requests']}, tokens in {rep['input_tokens']} / out {rep['output_tokens']},"
+        lines.append(f"  requests {rep['requests']}, tokens in {rep['input_tokens']} / out {rep['output_tokens']}"
+                     f"{_units_text(rep['units'])},"
                      f" errors {sum(rep['errors'].values())} {rep['errors'] or ''}".rstrip())
         for m in rep["models"]:
             lines.append(f"  model {m['model']}: ${Decimal(m['cost_usd']):.6f} ({m['input_tokens']} in,"
-                         f" {m['output_tokens']} out, {m['requests']} requests, {m['errors']} errors)")
+                         f" {m['output_tokens']} out{_units_text(m['units'])}, {m['requests']} requests,"
+                         f" {m['errors']} errors)")
         for k in rep["keys"]:
             lines.append(f"  key {k['key_id']}: ${Decimal(k['cost_usd']):.6f} ({k['requests']} requests)")
         if rep["base_fees"]:

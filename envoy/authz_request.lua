@@ -1,6 +1,7 @@
 -- Hands the request body's `model` (lifted by json_to_metadata just before) to ext_authz as the
 -- header x-gateway-model, so the body itself never travels to ext_authz; and, when the body states
--- them, its completion budget (`max_completion_tokens`, else `max_tokens`) as x-gateway-max-tokens and
+-- them, its completion budget (`max_completion_tokens`, else `max_tokens`, else the Responses API's
+-- `max_output_tokens`) as x-gateway-max-tokens and
 -- its choice count `n` as x-gateway-choices, and the body's size as x-gateway-body-bytes (Envoy sends
 -- ext_authz a check with content-length 0): together they size a managed request's spend reservation.
 --
@@ -14,6 +15,12 @@
 -- words it): `not_json` (not a JSON content type), `invalid_json` (unparseable or not UTF-8),
 -- `not_object` (valid JSON, but not an object), `model_type` (`model` is not a string). Only this
 -- failure path looks at the body; the common path reads the lifted metadata fields.
+--
+-- The voice routes (/v1/audio/transcriptions, /v1/audio/translations) send multipart/form-data, which
+-- json_to_metadata does not read: for them only, the buffered body's `model` form field is handed over
+-- the same way, and the duration of WAV `file`s (the RIFF header: data bytes / byte rate) as
+-- x-gateway-audio-seconds (it sizes the spend reservation) and into `gateway.usage:units` (the metered
+-- audio seconds unless the upstream's answer reports its own, envoy/gateway.lua).
 
 local BODY = "envoy.filters.http.json_to_metadata"
 local HEADER = "x-gateway-model"
@@ -21,6 +28,9 @@ local MAX_TOKENS = "x-gateway-max-tokens"
 local CHOICES = "x-gateway-choices"
 local BODY_BYTES = "x-gateway-body-bytes"
 local FACT = "x-gateway-body"
+local AUDIO_SECONDS = "x-gateway-audio-seconds"
+local USAGE = "gateway.usage"
+local VOICE_PATHS = { ["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true }
 
 local function escape(value)
   return (value:gsub("[%c%% \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
@@ -31,6 +41,82 @@ local function count(value)
     return string.format("%d", value)
   end
   return nil
+end
+
+local function u32(text, at)
+  local a, b, c, d = text:byte(at, at + 3)
+  return a + b * 256 + c * 65536 + d * 16777216
+end
+
+-- Seconds of audio in a WAV file that starts at `from` in `text` and ends before `to`, or nil.
+local function wav_seconds(text, from, to)
+  if text:sub(from, from + 3) ~= "RIFF" or text:sub(from + 8, from + 11) ~= "WAVE" then return nil end
+  local at, rate = from + 12, nil
+  while at + 8 <= to do
+    local id, size = text:sub(at, at + 3), u32(text, at + 4)
+    if id == "fmt " then
+      if at + 20 > to then return nil end
+      rate = u32(text, at + 16) -- byte rate
+    elseif id == "data" then
+      if not rate or rate == 0 then return nil end
+      -- A streamed WAV states no size (0 or 0xFFFFFFFF): the bytes that are there count.
+      return math.min(size, to - (at + 8)) / rate
+    end
+    at = at + 8 + size + size % 2
+  end
+  return nil
+end
+
+-- The `model` form field and the audio seconds of the `file` parts of a multipart body: the sum of
+-- their WAV durations, or false when one is not a WAV file (nil: no file).
+local function multipart(handle, content_type)
+  local boundary = (content_type or ""):match('^multipart/form%-data;.-boundary="?([^";]+)"?')
+  if not boundary then return nil end
+  local buffered = handle:body()
+  if not buffered then return nil end
+  local text = buffered:getBytes(0, buffered:length())
+  local delimiter = "--" .. boundary
+  local model, seconds
+  local _, stop = text:find(delimiter, 1, true)
+  while stop do
+    local head_end = text:find("\r\n\r\n", stop, true)
+    if not head_end then break end
+    local next_start, next_stop = text:find("\r\n" .. delimiter, head_end + 4, true)
+    if not next_start then break end
+    local head = text:sub(stop + 1, head_end):lower()
+    -- `[; ]name=`: not the end of `filename=`.
+    if head:find('[; ]name="model"') then
+      model = model or text:sub(head_end + 4, next_start - 1)
+    elseif head:find('[; ]name="file"') and seconds ~= false then
+      local part = wav_seconds(text, head_end + 4, next_start)
+      seconds = part and (seconds or 0) + part or false
+    end
+    stop = next_stop
+  end
+  return model, seconds
+end
+
+-- Whether this is a voice route (then its form fields are handed over, when there are any).
+local function voice(handle, headers)
+  local path = (headers:get(":path") or ""):match("^[^?]*")
+  if not VOICE_PATHS[path] then return false end
+  local model, seconds = multipart(handle, headers:get("content-type"))
+  if not model then return true end
+  headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
+  headers:add(HEADER, escape(model))
+  local length = headers:get("content-length")
+  if length then headers:add(BODY_BYTES, length) end
+  if seconds then
+    headers:add(AUDIO_SECONDS, string.format("%.3f", seconds))
+    handle:streamInfo():dynamicMetadata():set(USAGE, "units",
+      { unit = "audio_second", quantity = math.floor(seconds * 1000 + 0.5) / 1000, detail = "wav" })
+  elseif seconds == false then
+    -- Not measured here: the upstream's usage, if its answer has one, is the only figure (meter/parse.py
+    -- marks the row estimated otherwise).
+    handle:streamInfo():dynamicMetadata():set(USAGE, "units",
+      { unit = "audio_second", quantity = 0, detail = "unmeasured" })
+  end
+  return true
 end
 
 -- json_to_metadata reports a missing `model` both for `{}` and for `[...]` or `{"model": [..]}`.
@@ -56,11 +142,14 @@ function envoy_on_request(handle)
     local length = headers:get("content-length")
     if length then headers:add(BODY_BYTES, length) end
     local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
+      or count(body["max_output_tokens"]) -- the Responses API's
     if budget then headers:add(MAX_TOKENS, budget) end
     local choices = count(body["n"])
     if choices then headers:add(CHOICES, choices) end
     return
   end
+  -- Not JSON: a voice route's multipart form, or a body to refuse.
+  if (body == nil or body["unparsed"]) and voice(handle, headers) then return end
   local fact
   if model ~= nil then
     fact = "model_type"

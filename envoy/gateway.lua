@@ -24,6 +24,12 @@
 --    client, an error line in Envoy's log for operators, no customer credential touched.
 -- 5. Any other upstream failure is answered in OpenAI's shape, pointing at the RunPod console.
 --
+-- 6. A modality's own unit, into `gateway.usage:units` ({unit, quantity, detail}) for the access log:
+--    images (the request's `n`, its `size` as detail) and speech synthesis (the characters of the
+--    request's `input`) on the way in; audio seconds of a transcription or translation from the
+--    answer's `usage` (`{"type": "duration", "seconds": N}`) when it has one, else as
+--    envoy/authz_request.lua measured the file. Audio answers (speech) pass through untouched.
+--
 -- Envoy's Lua has no JSON library; the patterns below only ever look at the unescaped structure of a
 -- JSON document, where a model's output (always inside an escaped string) cannot imitate them.
 
@@ -97,12 +103,16 @@ local function string_field(text, key)
 end
 
 local function usage_entry(usage, model, source)
-  return {
-    prompt_tokens = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)')),
-    completion_tokens = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)')),
-    model = model,
-    source = source,
-  }
+  local prompt = usage:match('"prompt_tokens"%s*:%s*(%d+)')
+  local completion
+  if prompt then
+    completion = usage:match('"completion_tokens"%s*:%s*(%d+)')
+  else -- the Responses API's names (and an image or speech answer's token usage)
+    prompt = usage:match('"input_tokens"%s*:%s*(%d+)')
+    completion = usage:match('"output_tokens"%s*:%s*(%d+)')
+  end
+  return { prompt_tokens = tonumber(prompt), completion_tokens = tonumber(completion), model = model,
+           source = source }
 end
 
 local function first_model(text)
@@ -115,7 +125,86 @@ local function record_usage(handle, text)
   if usage == nil then return end
   -- One metadata write: each one merges into the stream's metadata, which costs more than the scan.
   -- Wrapper objects do not survive a yield: fetch the metadata afresh each time.
-  handle:streamInfo():dynamicMetadata():set(USAGE, "usage", usage_entry(usage, first_model(text), "final"))
+  local entry = usage_entry(usage, first_model(text), "final")
+  local metadata = handle:streamInfo():dynamicMetadata()
+  metadata:set(USAGE, "usage", entry)
+  if entry.prompt_tokens == nil then
+    -- A transcription's or translation's usage: the audio's duration as the upstream measured it.
+    local seconds = tonumber(usage:match('"seconds"%s*:%s*(%d+%.?%d*)'))
+    if seconds then metadata:set(USAGE, "units", { unit = "audio_second", quantity = seconds, detail = "upstream" }) end
+  end
+end
+
+-- The index of the quote that closes the JSON string opened at `open`, or nil.
+local function string_end(text, open)
+  local quote = open
+  while true do
+    quote = text:find('"', quote + 1, true)
+    if quote == nil then return nil end
+    local back = quote - 1
+    while back > open and text:byte(back) == 92 do back = back - 1 end
+    if (quote - 1 - back) % 2 == 0 then return quote end
+  end
+end
+
+-- The escaped content of the string member `key` of the top-level object in `text` (nil if none):
+-- a member of the same name inside a nested object or a string never counts, and of two members of
+-- that name the last one does, as the upstream's JSON parser (Python's) reads it.
+local function top_level_string(text, key)
+  local depth, pos, found = 0, 1, nil
+  while true do
+    local at = text:find('[{}%[%]"]', pos)
+    if at == nil then return found end
+    local c = text:byte(at)
+    if c == 34 then
+      local close = string_end(text, at)
+      if close == nil then return found end
+      pos = close + 1
+      -- A member's name, not a value that happens to read the same (`"voice": "input"`).
+      if depth == 1 and text:find("^%s*:", pos) and text:sub(at + 1, close - 1) == key then
+        local _, open = text:find('^%s*:%s*"', pos)
+        found = nil -- a later non-string value replaces an earlier string too
+        if open then
+          local value_end = string_end(text, open)
+          if value_end == nil then return nil end
+          found, pos = text:sub(open + 1, value_end - 1), value_end + 1
+        end
+      end
+    else
+      depth = depth + ((c == 123 or c == 91) and 1 or -1)
+      pos = at + 1
+    end
+  end
+end
+
+-- Characters (Unicode code points, as the upstream counts them) of escaped JSON string content.
+local function characters(escaped)
+  local plain = escaped:gsub("\\(.)(%x?%x?%x?%x?)", function(c, hex)
+    if c == "u" and #hex == 4 then
+      local unit = tonumber(hex, 16)
+      if unit >= 0xD800 and unit <= 0xDBFF then return "" end -- the pair's low half counts it
+      return "x"
+    end
+    return "x" .. hex
+  end)
+  return #plain - select(2, plain:gsub("[\128-\191]", ""))
+end
+
+local function set_units(handle, unit, quantity, detail)
+  handle:streamInfo():dynamicMetadata():set(USAGE, "units", { unit = unit, quantity = quantity, detail = detail })
+end
+
+local function speech_units(handle)
+  local body = handle:body()
+  local input = body and top_level_string(body:getBytes(0, body:length()), "input")
+  if input then set_units(handle, "character", characters(input), "input") end
+end
+
+local function image_units(handle)
+  local request = handle:streamInfo():dynamicMetadata():get(REQUEST) or {}
+  local n, size = request["n"], request["size"]
+  if n ~= nil and (type(n) ~= "number" or n < 1 or n ~= math.floor(n)) then return end -- refused upstream
+  set_units(handle, "image", n or 1, type(size) == "string" and size or "default")
 end
 
 -- Whatever a worker's message holds, the client never sees an address inside RunPod or a key.
@@ -194,6 +283,9 @@ local function rewrite_stream(handle)
   local asked = request ~= nil and request["include_usage"] == true
   local pending, model, usage, final, counted = "", nil, nil, false, 0
   local first, failed = true, false
+  -- Chat and completions chunks (`object`) get their forced usage hidden; typed event streams (the
+  -- Responses API's `response.*`) carry usage only in their terminal event, which the client keeps.
+  local typed = nil
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
     if pending ~= "" then bytes = pending .. bytes end
@@ -213,12 +305,16 @@ local function rewrite_stream(handle)
         local event = bytes:sub(pos, stop)
         pos = stop + 1
         if model == nil then model = first_model(event) end
-        if has_text(event, '"content"') or has_text(event, '"text"') then
+        if typed == nil then typed = event:find('"object"%s*:%s*"[%w_.]*completion') == nil end
+        if has_text(event, '"content"') or has_text(event, '"text"') or (typed and has_text(event, '"delta"')) then
           counted = counted + 1
           seen = true
         end
         local key = event:find('"usage"', 1, true)
-        if key then
+        if key and typed then
+          local value_from = event:find("^%s*:%s*%b{}", key + 7)
+          if value_from then usage, seen, final = event:match("%b{}", value_from), true, true end
+        elseif key then
           local value_from, value_to = event:find("^%s*:%s*%b{}", key + 7)
           local closing = after_key(event, '"choices"', "^%s*:%s*%[%s*%]")
           if value_from then
@@ -276,6 +372,11 @@ function envoy_on_request(handle)
   headers:remove(PATH)
   headers:replace(":path", path)
   handle:clearRouteCache()
+  if path:find("/v1/audio/speech", -16, true) then
+    speech_units(handle)
+  elseif path:find("/v1/images/generations", -22, true) then
+    image_units(handle)
+  end
 end
 
 function envoy_on_response(handle)
@@ -292,6 +393,8 @@ function envoy_on_response(handle)
       rewrite_stream(handle)
       return
     end
+    -- Synthesized speech, streamed or whole: its bytes are the client's, as they come.
+    if content_type:find("^audio/") or content_type:find("octet-stream", 1, true) then return end
     local length = tonumber(headers:get("content-length"))
     if length ~= nil and length > BUFFER_MAX then
       scan_large(handle, length)

@@ -21,6 +21,7 @@ from control.plans import BYOC_MODALITIES, PLANS, in_force
 from extauth import errors, hotstate, ratelimit, routes, upstream
 from extauth.decision import (
     ALLOW,
+    AUDIO_SECONDS_HEADER,
     BODY_BYTES_HEADER,
     BODY_FACT_HEADER,
     CHOICES_HEADER,
@@ -211,12 +212,13 @@ class Checker:
         if workspace.spend_limit_uusd is None or not model:
             return 0
         dep = workspace.deployments.get(model)
-        if (dep is None or dep.destination != "managed" or dep.input_price is None or dep.output_price is None
+        if (dep is None or dep.destination != "managed" or not dep.priced
                 or dep.modality not in route.modalities or not self._managed_key
                 or routes.upstream_path(dep.endpoint_id, route) is None):
             return 0
         return self._spend.cost_uusd(
-            dep, headers.get(BODY_BYTES_HEADER), headers.get(MAX_TOKENS_HEADER), headers.get(CHOICES_HEADER)
+            dep, headers.get(BODY_BYTES_HEADER), headers.get(MAX_TOKENS_HEADER), headers.get(CHOICES_HEADER),
+            headers.get(AUDIO_SECONDS_HEADER),
         )
 
     async def _rate_limit(
@@ -306,7 +308,7 @@ class Checker:
                 return _deny(denial, limit_headers, meta)
             upstream_key = workspace.credential.runpod_key if workspace.credential else None
         else:
-            if dep.input_price is None or dep.output_price is None:
+            if not dep.priced:
                 return _deny(errors.model_not_priced(model), limit_headers, meta)
             if over_spend:
                 return _deny(errors.plan_limit_exceeded(), limit_headers, meta)

@@ -41,6 +41,8 @@ BODY_BYTES_HEADER = "x-gateway-body-bytes"
 PRECHECK_METADATA = "x-gateway-precheck"
 # Set instead, by the same file, when the body has no string `model`: what is wrong with the body.
 BODY_FACT_HEADER = "x-gateway-body"
+# A voice request's audio duration when envoy/authz_request.lua could read it (a WAV file's header).
+AUDIO_SECONDS_HEADER = "x-gateway-audio-seconds"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

@@ -20,10 +20,17 @@ class Route:
     modalities: frozenset[str]  # deployment modalities this route may reach; empty: answered locally
 
 
+# One route, one line. A deployment of a modality its route does not list gets model_not_supported; each
+# modality is metered and priced in its own unit (control/pricing.py UNITS).
 ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route("chat/completions", "POST", frozenset({"llm"})),
     "/v1/completions": Route("completions", "POST", frozenset({"llm"})),
+    "/v1/responses": Route("responses", "POST", frozenset({"llm"})),
     "/v1/embeddings": Route("embeddings", "POST", frozenset({"embedding"})),
+    "/v1/images/generations": Route("images/generations", "POST", frozenset({"image"})),
+    "/v1/audio/speech": Route("audio/speech", "POST", frozenset({"speech"})),
+    "/v1/audio/transcriptions": Route("audio/transcriptions", "POST", frozenset({"voice"})),
+    "/v1/audio/translations": Route("audio/translations", "POST", frozenset({"voice"})),
     "/v1/models": Route("models", "GET", frozenset()),
 }
 

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from control.crypto import CryptoError, Keyring, Sealed
 from control.plans import effective_limits
+from control.pricing import TOKEN, UNITS
 from extauth import hotstate
 from extauth.cache import BoundedCache
 
@@ -45,6 +46,16 @@ class DeploymentEntry:
     # Managed deployments' prices, USD per million tokens (= micro-USD per token); None: unpriced.
     input_price: float | None = None
     output_price: float | None = None
+    # The unit the price is in, and USD per unit for every unit but tokens (control/pricing.py).
+    unit: str | None = TOKEN
+    unit_price: float | None = None
+
+    @property
+    def priced(self) -> bool:
+        """A price in this modality's own unit (a token price on an image model is no price)."""
+        if self.input_price is None or self.output_price is None or self.unit != UNITS.get(self.modality):
+            return False
+        return self.unit == TOKEN or self.unit_price is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +170,8 @@ class StateStore:
                 return None
             cur = await conn.execute(
                 "SELECT d.id, d.public_name, d.modality, d.destination, d.endpoint_id, d.account_id,"
-                " extract(epoch FROM d.created_at)::bigint, p.input_usd_per_mtok::float8, p.output_usd_per_mtok::float8"
+                " extract(epoch FROM d.created_at)::bigint, p.input_usd_per_mtok::float8,"
+                " p.output_usd_per_mtok::float8, p.unit, p.usd_per_unit::float8"
                 " FROM deployments d LEFT JOIN deployment_prices p ON p.deployment_id = d.id"
                 " WHERE d.workspace_id = %s AND d.state = 'ready' AND d.endpoint_id IS NOT NULL"
                 " ORDER BY d.public_name",

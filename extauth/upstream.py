@@ -12,6 +12,7 @@ import functools
 from collections.abc import Iterable, Mapping
 
 from extauth.decision import (
+    AUDIO_SECONDS_HEADER,
     BODY_BYTES_HEADER,
     BODY_FACT_HEADER,
     CHOICES_HEADER,
@@ -41,7 +42,9 @@ MAX_CHECKED_HEADER_BYTES = 59 * 1024
 # The body's facts envoy/authz_request.lua adds (a model and up to three sizes, or what is wrong with
 # the body). Room is kept for all of them whatever this request carries, so the limit a client meets
 # does not depend on its body: 85 headers of its own, with the 7 a plain HTTP client adds.
-_FACT_HEADERS = frozenset({MODEL_HEADER, BODY_BYTES_HEADER, MAX_TOKENS_HEADER, CHOICES_HEADER, BODY_FACT_HEADER})
+_FACT_HEADERS = frozenset(
+    {MODEL_HEADER, BODY_BYTES_HEADER, MAX_TOKENS_HEADER, CHOICES_HEADER, BODY_FACT_HEADER, AUDIO_SECONDS_HEADER}
+)
 _MOST_FACTS = 4
 
 

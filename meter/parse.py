@@ -28,6 +28,10 @@ _METERED_DESTINATIONS = ("runpod", "managed")
 # about 4 characters a token for the tokenizers served here; the JSON around the messages is counted
 # too, so the estimate errs on the high side for short prompts (README, "How usage is estimated").
 BYTES_PER_TOKEN = 4
+# A modality's own units (control/pricing.py UNITS), as gateway.lua and authz_request.lua log them.
+_UNITS = ("image", "audio_second", "character")
+_MAX_QUANTITY = 1e12
+_UNMEASURED = "unmeasured"
 
 
 class UsageRecord(NamedTuple):
@@ -47,6 +51,9 @@ class UsageRecord(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     usage_estimated: bool
+    unit: str | None
+    quantity: float
+    unit_detail: str | None
     duration_ms: int | None
     ttfb_ms: int | None
     bytes_received: int | None
@@ -107,7 +114,13 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
     flags = _text(entry, "flags")
     prompt_tokens = _int(entry, "prompt_tokens", _INT4_MAX)
     completion_tokens = _int(entry, "completion_tokens", _INT4_MAX)
-    if "usage_source" in entry:
+    unit, quantity = _units(entry, status)
+    if unit is not None:
+        # Metered in its own unit: its token figures (if any) are the upstream's, never estimated; a
+        # served request whose quantity nobody measured (audio the gateway cannot decode, an answer
+        # without usage) is marked estimated, at 0.
+        usage_estimated = status == 200 and _unit_detail(entry) == _UNMEASURED
+    elif "usage_source" in entry:
         prompt_tokens, completion_tokens, usage_estimated = _best_figures(
             entry, status, prompt_tokens, completion_tokens)
     else:
@@ -134,6 +147,9 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
         prompt_tokens=prompt_tokens or 0,
         completion_tokens=completion_tokens or 0,
         usage_estimated=usage_estimated,
+        unit=unit,
+        quantity=quantity,
+        unit_detail=_unit_detail(entry) if unit else None,
         duration_ms=_int(entry, "duration_ms", _INT4_MAX),
         ttfb_ms=_int(entry, "ttfb_ms", _INT4_MAX),
         bytes_received=_int(entry, "bytes_received", _INT8_MAX),
@@ -158,6 +174,41 @@ def _best_figures(
         body = _int(entry, "bytes_received", _INT8_MAX) or 0
         prompt_tokens = min(-(-body // BYTES_PER_TOKEN), _INT4_MAX)
     return prompt_tokens, completion_tokens, True
+
+
+def _units(entry: dict[str, Any], status: int | None) -> tuple[str | None, float]:
+    """The request's unit and quantity: counted only when an endpoint served it (as tokens are), so a
+    denial or an upstream error that the gateway measured on the way in costs nothing."""
+    units = entry.get("units")
+    if units in _ABSENT:
+        return None, 0.0
+    if not isinstance(units, dict):
+        raise _Malformed("units: not a JSON object")
+    unit = _text(units, "unit")
+    if unit is None:
+        return None, 0.0
+    if unit not in _UNITS:
+        raise _Malformed(f"unit: not one of {', '.join(_UNITS)}: {unit!r:.80}")
+    value = units.get("quantity")
+    if isinstance(value, str) and value not in _ABSENT:
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Malformed(f"quantity: not a number: {value!r:.80}") from None
+    if value in _ABSENT:
+        value = 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _MAX_QUANTITY:
+        raise _Malformed(f"quantity: expected a number from 0 to {_MAX_QUANTITY:g}, got {value!r:.80}")
+    reached = _text(entry, "upstream_host") is not None and _text(entry, "destination") in _METERED_DESTINATIONS
+    if not reached or status is None or status >= 400:
+        return unit, 0.0
+    return unit, float(value)
+
+
+def _unit_detail(entry: dict[str, Any]) -> str | None:
+    units = entry["units"]
+    detail = _text(units, "detail")
+    return detail[:64] if detail else None  # a client's `size` ends up here: bounded
 
 
 def _text(entry: dict[str, Any], key: str) -> str | None:

@@ -32,7 +32,7 @@ JOIN pg_attribute a ON a.attrelid = 'meter_batch'::regclass AND a.attname = c.na
 ORDER BY c.n
 """
 _COPY_BATCH = f"COPY meter_batch ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-# Managed destinations are priced per token, by the deployment's own price (deployment_prices);
+# Managed destinations are priced per token or per unit, by the deployment's own price (deployment_prices);
 # bring-your-own RunPod traffic is paid by the customer to RunPod, so it is recorded at cost 0. The
 # month's managed spend of each workspace (workspace_spend, what the spend limit is checked against)
 # grows in the same statement by what was newly recorded, so a replayed line adds nothing to it either.
@@ -42,8 +42,12 @@ WITH recorded AS (
     INSERT INTO usage_events ({_COLUMNS}, cost_usd)
     SELECT {", ".join("b." + column for column in UsageRecord._fields)},
            CASE WHEN b.destination = 'runpod' THEN 0
-                ELSE coalesce(b.prompt_tokens * p.input_usd_per_mtok + b.completion_tokens * p.output_usd_per_mtok,
-                              0) / 1000000
+                WHEN p.unit = 'token' THEN
+                    coalesce(b.prompt_tokens * p.input_usd_per_mtok + b.completion_tokens * p.output_usd_per_mtok,
+                             0) / 1000000
+                -- images, audio seconds, characters: only in the unit the deployment is priced in
+                WHEN p.unit = b.unit THEN b.quantity::numeric * p.usd_per_unit
+                ELSE 0
            END
     FROM meter_batch b
     LEFT JOIN deployment_prices p ON p.deployment_id = b.deployment_id

@@ -18,9 +18,12 @@ def test_managed_deploy_serves_every_modality_and_signs_with_the_platform_key(
 ) -> None:
     t = make_tenant(gateway, simulator)
     for modality in ("llm", "embedding", "image", "speech", "voice"):
+        # Tokens for llm and embedding; a price per image, character or audio second for the others.
+        price = (["--price-input", "1", "--price-output", "1"] if modality in ("llm", "embedding")
+                 else ["--price-per-unit", "0.01"])
         dep = gateway.ctl_json("deploy", t.workspace_id, "--model", f"org/{modality}", "--modality", modality,
                                "--name", f"managed-{modality}", "--destination", "managed", "--wait-timeout", "10",
-                               "--price-input", "1", "--price-output", "1")
+                               *price)
         assert dep["state"] == "ready"
     simulator.clear()
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0)

@@ -581,3 +581,42 @@ def test_cuda_versions_are_validated_as_the_openapi_says(sim: str) -> None:
         assert call("POST", f"{sim}/v2/serverless", {**body, "gpu": gpu}, key).status == 422
     both = {"pools": ["ADA_24"], "allowedCudaVersions": ["13.0"], "minCudaVersion": "12.0"}
     assert call("POST", f"{sim}/v2/serverless", {**body, "gpu": both}, key).status == 400
+
+
+def test_responses_images_speech_and_audio_routes(sim: str) -> None:
+    import io
+    import wave
+
+    _, key = new_account(sim)
+    base = f"{sim}/v2/{new_endpoint(sim, key)['id']}/openai/v1"
+    plain = call("POST", f"{base}/responses", {"model": "m", "input": "a b", "max_output_tokens": 2}, key).json()
+    assert plain["status"] == "incomplete" and plain["output"][0]["content"][0]["text"] == "Echo: a"
+    assert (plain["usage"]["input_tokens"], plain["usage"]["output_tokens"]) == (2, 2)
+    streamed = call("POST", f"{base}/responses", {"model": "m", "input": "a b", "stream": True}, key)
+    events = [e for e in streamed.body.decode().split("\n\n") if e]
+    assert events[0].startswith("event: response.created\ndata: ") and "[DONE]" not in streamed.body.decode()
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    assert done["type"] == "response.completed" and done["response"]["usage"]["output_tokens"] == 3
+    images = call("POST", f"{base}/images/generations", {"model": "m", "prompt": "p", "n": 3}, key).json()
+    assert len(images["data"]) == 3 and len({d["b64_json"] for d in images["data"]}) == 3
+    assert call("POST", f"{base}/images/generations", {"model": "m", "prompt": "p", "n": 11}, key).status == 400
+    speech = call("POST", f"{base}/audio/speech", {"model": "m", "input": "héllo", "voice": "alloy"}, key)
+    assert speech.content_type == "audio/mpeg" and len(speech.body) == 5 * 64
+    wav_file = io.BytesIO()
+    with wave.open(wav_file, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\0" * 4 * 8000 * 3)
+    boundary = "xyz"
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            + wav_file.getvalue() + b"\r\n--xyz--\r\n")
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    text = call("POST", f"{base}/audio/transcriptions", raw=body, key=key, headers=headers).json()
+    assert text == {"text": "Transcribed 3 seconds of audio.", "usage": {"type": "duration", "seconds": 3.0}}
+    other = body.replace(b"\r\n\r\nm\r\n", b"\r\n\r\nnot-served\r\n")
+    refused = call("POST", f"{base}/audio/translations", raw=other, key=key, headers=headers).json()
+    assert refused["error"]["type"] == "worker_error" and "404" in refused["error"]["message"]
+    mp3 = body.replace(wav_file.getvalue(), b"\xff\xfb" * 100)
+    assert call("POST", f"{base}/audio/transcriptions", raw=mp3, key=key, headers=headers).status == 400
