@@ -114,6 +114,11 @@ class Meter:
                 records.append(parsed)
         return _ParsedBatch(batch.end, len(batch.lines), records, rejects)
 
+    def settle_pending(self) -> None:
+        """Retry spend releases Redis could not take yet (call only while no batch is being written)."""
+        if self._settlement is not None:
+            self._settlement.retry(self._store.conn)
+
     def _write(self, batch: _ParsedBatch) -> int:
         recorded = self._store.write(self._log_path, batch.end, batch.records, batch.rejects)
         self._metrics.record(batch.lines, len(batch.rejects), recorded)
@@ -137,6 +142,7 @@ def follow(settings: MeterSettings, stop: threading.Event, metrics: MeterMetrics
             with Meter.open(settings, metrics) as meter:
                 while not stop.is_set():
                     if not meter.consume_available(stop.is_set):
+                        meter.settle_pending()
                         stop.wait(settings.poll_seconds)
         except psycopg.OperationalError as err:
             log.warning("database unavailable, retrying in %.0f s: %s", _RECONNECT_SECONDS, err)

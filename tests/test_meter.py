@@ -564,3 +564,37 @@ def test_best_figures_for_every_way_a_request_ends(fields: dict[str, Any], expec
     record = parse_line(json.dumps(entry(**fields)).encode())
     assert isinstance(record, UsageRecord)
     assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == expected
+
+
+def test_releases_redis_could_not_take_are_retried_until_it_answers(redis_url: str) -> None:
+    """A batch whose spend releases fail (Redis restarting, a Cluster failover that outlasts redis-py's
+    retry) keeps them and releases them on a later call, not only when the workspace's next batch comes."""
+    from meter.parse import UsageRecord
+    from meter.spend_settle import SpendSettlement
+
+    calls: list[list[tuple[str, str]]] = []
+    failures = [redis.ConnectionError("Redis is restarting")] * 3
+
+    class FlakySettler:
+        def settle(self, db: Any, managed: list[tuple[str, str]]) -> None:
+            calls.append(list(managed))
+            if failures:
+                raise failures.pop()
+
+    def row(request_id: str, destination: str) -> UsageRecord:
+        fields = dict.fromkeys(UsageRecord._fields)
+        fields.update(request_id=request_id, workspace_id="ws_a", destination=destination, prompt_tokens=1,
+                      completion_tokens=1, usage_estimated=False)
+        return UsageRecord(**fields)
+
+    settlement = SpendSettlement(redis_url)
+    settlement._settler = FlakySettler()  # type: ignore[assignment]
+    try:
+        settlement.settle(None, [row("r1", "managed"), row("r2", "runpod")])  # type: ignore[arg-type]
+        assert settlement.unsettled == 1 and calls == [[("ws_a", "r1")]] * 2
+        settlement.retry(None)  # type: ignore[arg-type]  # the third failure, then an idle poll succeeds
+        assert settlement.unsettled == 0 and calls[-1] == [("ws_a", "r1")] and len(calls) == 4
+        settlement.retry(None)  # type: ignore[arg-type]  # nothing left: no call
+        assert len(calls) == 4
+    finally:
+        settlement.close()
