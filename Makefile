@@ -30,9 +30,12 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 # tests/test_usage_html.py loads the usage page in a real headless browser: Debian's chromium.
+# Modules run PYTEST_WORKERS at a time, each whole in one worker (its stack is started once): most of a
+# module's time is spent waiting on its processes, so three share the 2-core machine well.
+PYTEST_WORKERS ?= 3
 pytest: install
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 

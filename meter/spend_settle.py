@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -20,6 +21,7 @@ MAX_UNSETTLED = 100_000
 
 class SpendSettlement:
     def __init__(self, redis_url: str) -> None:
+        self._url = redis_url
         self._client = redisconn.client(redis_url)
         self._settler = spend.Settler(self._client)
         # (workspace id, request id) committed to PostgreSQL but not yet released in Redis, oldest first.
@@ -27,6 +29,12 @@ class SpendSettlement:
 
     def close(self) -> None:
         self._client.close()
+
+    def _reconnect(self) -> None:
+        with contextlib.suppress(*redisconn.ERRORS):
+            self._client.close()
+        self._client = redisconn.client(self._url)
+        self._settler = spend.Settler(self._client)
 
     @property
     def unsettled(self) -> int:
@@ -57,8 +65,10 @@ class SpendSettlement:
             except redisconn.ERRORS as err:
                 if attempt:
                     # Metering goes on; the releases are tried again (and the spend raised) on the next
-                    # batch or idle poll.
+                    # batch or idle poll, with a new client: redis-py's Cluster client can keep aiming at
+                    # a master that died, where a new one learns the slot map from the configured nodes.
                     log.warning("could not settle %d spend reservation(s) yet: %s", len(managed), err)
+                    self._reconnect()
                 continue
             for done in managed:
                 self._unsettled.pop(done, None)

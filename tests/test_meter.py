@@ -566,7 +566,9 @@ def test_best_figures_for_every_way_a_request_ends(fields: dict[str, Any], expec
     assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == expected
 
 
-def test_releases_redis_could_not_take_are_retried_until_it_answers(redis_url: str) -> None:
+def test_releases_redis_could_not_take_are_retried_until_it_answers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A batch whose spend releases fail (Redis restarting, a Cluster failover that outlasts redis-py's
     retry) keeps them and releases them on a later call, not only when the workspace's next batch comes."""
     from meter.parse import UsageRecord
@@ -575,7 +577,12 @@ def test_releases_redis_could_not_take_are_retried_until_it_answers(redis_url: s
     calls: list[list[tuple[str, str]]] = []
     failures = [redis.ConnectionError("Redis is restarting")] * 3
 
+    clients: list[Any] = []
+
     class FlakySettler:
+        def __init__(self, client: Any) -> None:
+            clients.append(client)
+
         def settle(self, db: Any, managed: list[tuple[str, str]]) -> None:
             calls.append(list(managed))
             if failures:
@@ -587,11 +594,14 @@ def test_releases_redis_could_not_take_are_retried_until_it_answers(redis_url: s
                       completion_tokens=1, usage_estimated=False)
         return UsageRecord(**fields)
 
+    from control import spend
+
+    monkeypatch.setattr(spend, "Settler", FlakySettler)
     settlement = SpendSettlement(redis_url)
-    settlement._settler = FlakySettler()  # type: ignore[assignment]
     try:
         settlement.settle(None, [row("r1", "managed"), row("r2", "runpod")])  # type: ignore[arg-type]
         assert settlement.unsettled == 1 and calls == [[("ws_a", "r1")]] * 2
+        assert len(clients) == 2 and clients[0] is not clients[1]  # the next try starts on a new client
         settlement.retry(None)  # type: ignore[arg-type]  # the third failure, then an idle poll succeeds
         assert settlement.unsettled == 0 and calls[-1] == [("ws_a", "r1")] and len(calls) == 4
         settlement.retry(None)  # type: ignore[arg-type]  # nothing left: no call
