@@ -83,3 +83,21 @@ def envoy_copy(root: Path) -> Path:
     """An operator's editable copy of envoy/ (config and Lua side by side, as shipped); its envoy.yaml."""
     shutil.copytree(ROOT / "envoy", root / "envoy")
     return root / "envoy" / "envoy.yaml"
+
+
+def decide_once(port: int, keys: Any, args: list[Any]) -> Any:
+    """One call of the check's Redis script (extauth/hotstate.py) on the Redis at `port`, as ext_authz
+    makes it; the parsed verdict."""
+    import asyncio
+
+    from extauth import hotstate
+    from extauth.redis_client import ScriptClient
+
+    async def run() -> list[int]:
+        client = ScriptClient(f"redis://127.0.0.1:{port}/0", hotstate.DECIDE_SCRIPT, 1.0)
+        try:
+            return await client.decide(keys, args)
+        finally:
+            await client.close()
+
+    return hotstate.parse_verdict(asyncio.run(run()))

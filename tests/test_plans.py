@@ -10,7 +10,6 @@ managed destination only, its dry-run cost and its base fee in the usage report.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -34,9 +33,8 @@ from control.settings import read_runtime
 from control.spend import billing_month
 from extauth import hotstate
 from extauth.decision import ALLOW
-from extauth.redis_client import ScriptClient
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import ROOT, call, wait_until
+from tests.support import ROOT, call, decide_once, wait_until
 from tests.test_deploy import posted, validate
 from tests.test_redis_client import start_redis
 from tests.test_spend_checks import TOKEN, WORKSPACE, FakeHot, FakeStore, check, checker, now_us
@@ -117,14 +115,7 @@ def decide(port: int, ws: str, key_rpm: int | None, switch: hotstate.PlanSwitch 
                                 workspace_fields=hotstate.workspace_fields(1, 500, 1000, None, switch)
                                 if switch else ())
 
-    async def run() -> list[int]:
-        client = ScriptClient(f"redis://127.0.0.1:{port}/0", hotstate.DECIDE_SCRIPT, 1.0)
-        try:
-            return await client.decide(keys, args)
-        finally:
-            await client.close()
-
-    return hotstate.parse_verdict(asyncio.run(run()))
+    return decide_once(port, keys, args)
 
 
 def test_the_script_switches_limits_at_the_moment_on_redis_time(redis_port: int) -> None:

@@ -19,9 +19,10 @@ from extauth import hotstate
 from extauth.checker import Checker
 from extauth.decision import ALLOW, BODY_BYTES_HEADER, DENY, MAX_TOKENS_HEADER, MODEL_HEADER
 from extauth.metrics import ExtauthMetrics
-from extauth.redis_client import RedisUnavailable, ScriptClient
+from extauth.redis_client import RedisUnavailable
 from extauth.reservation import ReservationPolicy
 from extauth.state import CredentialEntry, DeploymentEntry, KeyEntry, WorkspaceEntry
+from tests.support import decide_once
 from tests.test_redis_client import start_redis
 
 TOKEN = "gw-test-token"
@@ -173,14 +174,7 @@ def decide(port: int, ws: str, reserve: int, request_id: str, deadline_us: int =
                                 hotstate.key_fields(1, False, 6000) if refresh else (),
                                 hotstate.workspace_fields(1, 6000, 6000, 1000) if refresh else ())
 
-    async def run() -> list[int]:
-        client = ScriptClient(f"redis://127.0.0.1:{port}/0", hotstate.DECIDE_SCRIPT, 1.0)
-        try:
-            return await client.decide(keys, args)
-        finally:
-            await client.close()
-
-    return hotstate.parse_verdict(asyncio.run(run()))
+    return decide_once(port, keys, args)
 
 
 def test_the_script_reserves_up_to_the_limit_and_settles_by_request_id(script: tuple[int, int]) -> None:
