@@ -155,22 +155,8 @@ def extauth(namespace: str, image: str, replicas: int) -> list[dict[str, Any]]:
         "volumeMounts": [{"name": "keyring", "mountPath": KEYRING_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],
     }
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("extauth", namespace, "extauth"),
-        "spec": {"replicas": replicas, "selector": _selector("extauth"),
-                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                 "template": {
-                     "metadata": {"labels": {"app.kubernetes.io/name": "extauth"},
-                                  "annotations": {"prometheus.io/scrape": "true",
-                                                  "prometheus.io/port": str(EXTAUTH_ADMIN_PORT),
-                                                  "prometheus.io/path": "/metrics"}},
-                     "spec": {"terminationGracePeriodSeconds": 15,
-                              "securityContext": {"runAsNonRoot": True, "fsGroup": GATEWAY_UID,
-                                                  "seccompProfile": {"type": "RuntimeDefault"}},
-                              "containers": [container],
-                              "volumes": [{"name": "keyring", "secret": {"secretName": KEYRING}},
-                                          {"name": "tmp", "emptyDir": {}}]}}},
-    }
+    deployment = _deployment(namespace, "extauth", replicas, (EXTAUTH_ADMIN_PORT, "/metrics"), 15, [container],
+                             [{"name": "keyring", "secret": {"secretName": KEYRING}}, {"name": "tmp", "emptyDir": {}}])
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta("extauth", namespace, "extauth"),
         # Headless: the name resolves to every ready replica, which Envoy's STRICT_DNS cluster balances.
@@ -225,25 +211,12 @@ def gateway(namespace: str, image: str, replicas: int) -> list[dict[str, Any]]:
         "resources": _resources("10m", "32Mi", "128Mi"),
         "volumeMounts": [{"name": "access-log", "mountPath": ACCESS_LOG_DIR}],
     }
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("gateway", namespace, "gateway"),
-        "spec": {"replicas": replicas, "selector": _selector("gateway"),
-                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                 "template": {
-                     "metadata": {"labels": {"app.kubernetes.io/name": "gateway"},
-                                  "annotations": {"prometheus.io/scrape": "true",
-                                                  "prometheus.io/port": str(STATS_PORT),
-                                                  "prometheus.io/path": "/stats/prometheus"}},
-                     # The meter commits its batch under way before it exits.
-                     "spec": {"terminationGracePeriodSeconds": 30,
-                              # fsGroup: Envoy (uid 101) writes the log volume the meter (uid 10001) reads.
-                              "securityContext": {"runAsNonRoot": True, "fsGroup": GATEWAY_UID,
-                                                  "seccompProfile": {"type": "RuntimeDefault"}},
-                              "containers": [envoy, meter, rotate],
-                              "volumes": [{"name": "envoy-config", "configMap": {"name": "envoy-config"}},
-                                          {"name": "access-log", "emptyDir": {"sizeLimit": LOG_VOLUME}},
-                                          {"name": "tmp", "emptyDir": {}}]}}},
-    }
+    # The meter commits its batch under way before it exits: a longer grace than ext_authz's.
+    deployment = _deployment(namespace, "gateway", replicas, (STATS_PORT, "/stats/prometheus"), 30,
+                             [envoy, meter, rotate],
+                             [{"name": "envoy-config", "configMap": {"name": "envoy-config"}},
+                              {"name": "access-log", "emptyDir": {"sizeLimit": LOG_VOLUME}},
+                              {"name": "tmp", "emptyDir": {}}])
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta("gateway", namespace, "gateway"),
         "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
@@ -251,6 +224,30 @@ def gateway(namespace: str, image: str, replicas: int) -> list[dict[str, Any]]:
                  "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
     }
     return [deployment, service, *_availability(namespace, "gateway", replicas, 4 * replicas)]
+
+
+def _deployment(
+    namespace: str, app: str, replicas: int, scrape: tuple[int, str], grace_s: int,
+    containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A rolling Deployment (one pod more at a time, none fewer) that Prometheus scrapes at `scrape`."""
+    port, path = scrape
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(app, namespace, app),
+        "spec": {"replicas": replicas, "selector": _selector(app),
+                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                 "template": {
+                     "metadata": {"labels": {"app.kubernetes.io/name": app},
+                                  "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                                                  "prometheus.io/path": path}},
+                     "spec": {"terminationGracePeriodSeconds": grace_s,
+                              # fsGroup: in the gateway pod, Envoy (uid 101) writes the log volume the meter
+                              # (uid 10001) reads.
+                              "securityContext": {"runAsNonRoot": True, "fsGroup": GATEWAY_UID,
+                                                  "seccompProfile": {"type": "RuntimeDefault"}},
+                              "containers": containers,
+                              "volumes": volumes}}},
+    }
 
 
 def _availability(namespace: str, app: str, replicas: int, most: int) -> list[dict[str, Any]]:
