@@ -32,6 +32,11 @@ _MAX_CHOICES = 128  # beyond any real `n`; keeps a hostile header from reserving
 AUDIO_BYTES_PER_SECOND = 1000
 
 
+def _choices(header: str | None) -> int:
+    """The body's `n` as handed over (1 when absent or not a count), within [1, _MAX_CHOICES]."""
+    return min(max(int(header), 1), _MAX_CHOICES) if header and header.isdigit() else 1
+
+
 @dataclass(frozen=True, slots=True)
 class ReservationPolicy:
     default_completion_tokens: int = 4096
@@ -50,14 +55,13 @@ class ReservationPolicy:
         completion = 0
         if dep.modality != "embedding":
             budget = int(max_tokens) if max_tokens and max_tokens.isdigit() else self.default_completion_tokens
-            n = int(choices) if choices and choices.isdigit() else 1
-            completion = budget * min(max(n, 1), _MAX_CHOICES)
+            completion = budget * _choices(choices)
         return math.ceil(prompt * (dep.input_price or 0.0) + completion * (dep.output_price or 0.0))
 
     @staticmethod
     def _units(unit: str | None, body_bytes: int, choices: str | None, audio_seconds: str | None) -> float:
         if unit == "image":
-            return min(max(int(choices), 1), _MAX_CHOICES) if choices and choices.isdigit() else 1
+            return _choices(choices)
         if unit == "audio_second":
             try:
                 seconds = float(audio_seconds) if audio_seconds else None
