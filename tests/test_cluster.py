@@ -13,8 +13,9 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -129,40 +130,50 @@ def test_each_call_goes_to_its_slots_master_on_one_connection_per_master(cluster
         assert int(cluster.master_of(workspace_slot(ws)).client.get(hotstate.key_redis_key(ws, "k")) or 0) == 20
 
 
+async def under_traffic(
+    cluster: RedisClusterServers, keys_: Any, disrupt: Callable[[], Awaitable[None]]
+) -> list[str]:
+    """Four callers run the counting script on `keys_` while `disrupt` changes the cluster under them
+    (0.3 s of traffic before and after); each call's outcome, "ok" or "unavailable"."""
+    client = ScriptClient(cluster.url, COUNT_SCRIPT, 1.0)
+    outcomes: list[str] = []
+    done = asyncio.Event()
+    stop = time.monotonic() + 60
+
+    async def worker() -> None:
+        while not done.is_set() and time.monotonic() < stop:
+            try:
+                await client.decide(keys_, [])
+                outcomes.append("ok")
+            except RedisUnavailable:
+                outcomes.append("unavailable")
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(4)]
+    await asyncio.sleep(0.3)
+    await disrupt()
+    await asyncio.sleep(0.3)
+    done.set()
+    await asyncio.gather(*tasks)
+    await client.close()
+    return outcomes
+
+
 def test_a_slot_migrating_under_traffic_loses_no_call_and_counts_none_twice(cluster: RedisClusterServers) -> None:
     ws = "ws_migrating"
     slot = workspace_slot(ws)
     keys_ = hotstate.decide_keys("k", ws)
-    outcomes: list[str] = []
     before = redirections(cluster)
 
-    async def scenario() -> None:
-        client = ScriptClient(cluster.url, COUNT_SCRIPT, 1.0)
-        stop = time.monotonic() + 60
-
-        async def worker() -> None:
-            while not done.is_set() and time.monotonic() < stop:
-                try:
-                    await client.decide(keys_, [])
-                    outcomes.append("ok")
-                except RedisUnavailable:
-                    outcomes.append("unavailable")
-                await asyncio.sleep(0.002)
-
-        done = asyncio.Event()
-        tasks = [asyncio.ensure_future(worker()) for _ in range(4)]
-        await asyncio.sleep(0.3)
+    async def migrate() -> None:
         source = cluster.master_of(slot)
         target = next(m for m in cluster.masters if m is not source)
         await asyncio.to_thread(lambda: cluster.begin_migration(slot, target))
         await asyncio.sleep(0.05)  # checks meanwhile are sent on with ASK, or retried on TRYAGAIN
         await asyncio.to_thread(lambda: cluster.finish_migration(slot, source, target))
-        await asyncio.sleep(0.3)  # and now MOVED, then straight to the new owner
-        done.set()
-        await asyncio.gather(*tasks)
-        await client.close()
+        # and then MOVED, then straight to the new owner
 
-    asyncio.run(scenario())
+    outcomes = asyncio.run(under_traffic(cluster, keys_, migrate))
     # A migration shorter than EXTAUTH_REDIS_TIMEOUT_MS costs latency only, and every call ran once.
     assert outcomes.count("unavailable") == 0, outcomes.count("unavailable")
     after = redirections(cluster)
@@ -177,31 +188,12 @@ def test_a_master_failover_under_traffic_is_followed(cluster: RedisClusterServer
     slot = workspace_slot(ws)
     keys_ = hotstate.decide_keys("k", ws)
     replica = cluster.add_replica(cluster.master_of(slot))
-    outcomes: list[str] = []
     before = redirections(cluster)
 
-    async def scenario() -> None:
-        client = ScriptClient(cluster.url, COUNT_SCRIPT, 1.0)
-
-        async def worker() -> None:
-            while not done.is_set():
-                try:
-                    await client.decide(keys_, [])
-                    outcomes.append("ok")
-                except RedisUnavailable:
-                    outcomes.append("unavailable")
-                await asyncio.sleep(0.002)
-
-        done = asyncio.Event()
-        tasks = [asyncio.ensure_future(worker()) for _ in range(4)]
-        await asyncio.sleep(0.3)
+    async def fail_over() -> None:
         await asyncio.to_thread(cluster.failover, replica)
-        await asyncio.sleep(0.3)
-        done.set()
-        await asyncio.gather(*tasks)
-        await client.close()
 
-    asyncio.run(scenario())
+    outcomes = asyncio.run(under_traffic(cluster, keys_, fail_over))
     assert cluster.master_of(slot).port == replica.port
     # A manual failover hands over without losing a write: the old master answers MOVED, never an error.
     assert outcomes.count("unavailable") == 0, outcomes.count("unavailable")
