@@ -35,8 +35,7 @@ def access_log_entry(i: int, start: datetime) -> dict[str, Any]:
                  "error_code": "rate_limit_exceeded"}
         return {
             "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "status": 429, "flags": "UAEX",
-            "authz": json.dumps(authz, separators=(",", ":")), "response_model": None, "prompt_tokens": None,
-            "completion_tokens": None,
+            "authz": json.dumps(authz, separators=(",", ":")), "usage": None,
             "upstream_host": None, "duration_ms": 0, "ttfb_ms": 0, "bytes_received": 112, "bytes_sent": 190,
         }
     prompt = random.randint(5, 4000)
@@ -44,8 +43,9 @@ def access_log_entry(i: int, start: datetime) -> dict[str, Any]:
              "deployment_id": "dep_bench", "destination": "runpod", "decision": "allow"}
     return {
         "request_id": str(uuid.uuid4()), "start_time": moment, "method": "POST", "status": 200, "flags": "-",
-        "authz": json.dumps(authz, separators=(",", ":")), "response_model": "bench-chat", "prompt_tokens": prompt,
-        "completion_tokens": random.randint(1, 800),
+        "authz": json.dumps(authz, separators=(",", ":")),
+        "usage": {"usage": {"completion_tokens": random.randint(1, 800), "model": "bench-chat", "prompt_tokens": prompt,
+                            "source": "final"}},
         "upstream_host": "127.0.0.1:8443", "duration_ms": random.randint(1, 900),
         "ttfb_ms": random.randint(1, 300), "bytes_received": 90 + prompt * 4, "bytes_sent": 420,
     }

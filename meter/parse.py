@@ -95,7 +95,10 @@ def parse_line(raw: bytes) -> UsageRecord | Reject:
     return record
 
 
-def _record(entry: dict[str, Any]) -> UsageRecord:
+def fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """A line's facts side by side: Envoy's own fields, ext_authz's record lifted out of `authz`, and
+    gateway.lua's figures lifted out of `usage` under the names the meter reads (response_model,
+    prompt_tokens, completion_tokens, usage_source, units). Raises _Malformed."""
     authz = entry.get("authz")
     if authz not in _ABSENT:
         # ext_authz's record of the decision (workspace, key, deployment, model, ...), one JSON object
@@ -107,6 +110,24 @@ def _record(entry: dict[str, Any]) -> UsageRecord:
         if not isinstance(facts, dict):
             raise _Malformed("authz is not a JSON object")
         entry = {**facts, **entry}
+    if "usage" not in entry:
+        return entry  # a line of an older format: the figures are fields of their own
+    # The `gateway.usage` metadata namespace, logged whole as one field (envoy.yaml: each metadata
+    # field costs Envoy about as much as the rest of the line): {"usage": {prompt_tokens,
+    # completion_tokens, model, source}, "units": {unit, quantity, detail}}, null when neither was set.
+    namespace = entry["usage"]
+    namespace = {} if namespace in _ABSENT else namespace
+    figures = namespace.get("usage") if isinstance(namespace, dict) else None
+    figures = {} if figures in _ABSENT else figures
+    if not isinstance(namespace, dict) or not isinstance(figures, dict):
+        raise _Malformed("usage is not a JSON object")
+    return {**entry, "response_model": figures.get("model"), "prompt_tokens": figures.get("prompt_tokens"),
+            "completion_tokens": figures.get("completion_tokens"), "usage_source": figures.get("source"),
+            "units": namespace.get("units")}
+
+
+def _record(entry: dict[str, Any]) -> UsageRecord:
+    entry = fields(entry)
     request_id = _text(entry, "request_id")
     if request_id is None:
         raise _Malformed("missing request_id")

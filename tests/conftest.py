@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from control.net import free_port, free_ports, wait_for_http, wait_for_port
+from meter import parse
 from tests.support import ROOT, call, running, wait_until
 
 
@@ -136,10 +137,10 @@ class Gateway:
             yield ctx
 
     def access_log(self) -> list[dict[str, Any]]:
-        """Each line, with ext_authz's facts (the JSON object in `authz`) lifted beside Envoy's own."""
+        """Each line, with ext_authz's facts (`authz`) and gateway.lua's figures (`usage`) lifted beside
+        Envoy's own, as the meter reads them."""
         path = self.state_dir / "access.log"
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [{**json.loads(line["authz"] or "{}"), **line} for line in lines]
+        return [parse.fields(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
     def all_output(self) -> str:
         """Everything the stack's processes wrote: logs, access log, console."""

@@ -51,6 +51,9 @@ def settings(db: str, log_path: Path, batch_lines: int = 500) -> MeterSettings:
 
 
 AUTHZ_FIELDS = ("route", "decision", "error_code", "workspace_id", "key_id", "deployment_id", "destination", "model")
+# Line fields of older formats, by their names in the `usage` object.
+USAGE_FIELDS = {"response_model": "model", "prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
+                "usage_source": "source"}
 
 
 def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -71,6 +74,7 @@ def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
         "response_model": "demo-chat",
         "prompt_tokens": 12,
         "completion_tokens": 7,
+        "usage_source": "final",
         "upstream_host": "127.0.0.1:5000",
         "duration_ms": 15,
         "ttfb_ms": 9,
@@ -78,9 +82,13 @@ def entry(request_id: str | None = None, **fields: Any) -> dict[str, Any]:
         "bytes_sent": 640,
     }
     line.update(fields)
-    # As envoy/envoy.yaml writes it: ext_authz's facts in one JSON object, absent ones left out.
+    # As envoy/envoy.yaml writes it: ext_authz's facts in one JSON object, absent ones left out; and
+    # gateway.lua's metadata namespace in another (`usage`, null when gateway.lua set nothing).
     facts = {k: line.pop(k) for k in AUTHZ_FIELDS if k in line}
     line["authz"] = json.dumps({k: v for k, v in facts.items() if v is not None})
+    figures = {name: line.pop(k) for k, name in USAGE_FIELDS.items() if k in line}
+    namespace = {"usage": {k: v for k, v in figures.items() if v is not None}, "units": line.pop("units", None)}
+    line["usage"] = {k: v for k, v in namespace.items() if v} or None
     return line
 
 
@@ -112,8 +120,8 @@ def totals(db: str) -> tuple[int, int, int]:
 def expected_totals(entries: list[dict[str, Any]]) -> tuple[int, int, int]:
     return (
         len(entries),
-        sum(e["prompt_tokens"] or 0 for e in entries),
-        sum(e["completion_tokens"] or 0 for e in entries),
+        sum(((e["usage"] or {}).get("usage") or {}).get("prompt_tokens") or 0 for e in entries),
+        sum(((e["usage"] or {}).get("usage") or {}).get("completion_tokens") or 0 for e in entries),
     )
 
 
@@ -140,14 +148,16 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 def test_token_totals_are_exact(db: str, log_path: Path) -> None:
     entries = numbered_entries(2000, "req")
-    aborted = entry("aborted-stream", flags="DC", prompt_tokens=None, completion_tokens=None)
+    aborted = entry("aborted-stream", flags="DC", prompt_tokens=None, completion_tokens=None, usage_source=None)
     failed = entry("upstream-error", status=503, flags="UF", prompt_tokens=None, completion_tokens=None)
     denied = entry("denied", status=429, decision="deny", prompt_tokens="-", completion_tokens="-")
     append(log_path, *entries, aborted, failed, denied)
 
     assert run_once(settings(db, log_path)) == 2003
 
-    assert totals(db) == (2003, *expected_totals(entries)[1:])
+    # The stream cut before any figure arrived is estimated from its body (120 bytes / 4), not zero.
+    count, prompt, completion = expected_totals(entries)
+    assert totals(db) == (count + 3, prompt + 30, completion)
     flagged = query(db, "SELECT request_id FROM usage_events WHERE usage_estimated")
     assert flagged == [("aborted-stream",)]
     assert query(db, "SELECT count(*) FROM meter_rejects") == [(0,)]
@@ -525,11 +535,14 @@ def test_usage_labels_fold_pairs_beyond_the_limit() -> None:
     assert labels("ws_1", "m") == ("ws_1", "m")
 
 
-def test_authz_facts_and_older_flat_lines_parse_alike() -> None:
+@pytest.mark.parametrize("source", ["final", "partial", None])
+def test_packed_facts_and_older_flat_lines_parse_alike(source: str | None) -> None:
     from meter.parse import UsageRecord, parse_line
 
-    packed = entry("same-id")
-    flat = {k: v for k, v in packed.items() if k != "authz"} | json.loads(packed["authz"])
+    packed = entry("same-id", usage_source=source)
+    figures = packed["usage"]["usage"]
+    flat = {k: v for k, v in packed.items() if k not in ("authz", "usage")} | json.loads(packed["authz"]) | {
+        k: figures.get(name) for k, name in USAGE_FIELDS.items()}
     records = [parse_line(json.dumps(line).encode()) for line in (packed, flat)]
     assert all(isinstance(r, UsageRecord) for r in records)
     assert records[0] == records[1]
@@ -608,3 +621,13 @@ def test_releases_redis_could_not_take_are_retried_until_it_answers(
         assert len(calls) == 4
     finally:
         settlement.close()
+
+
+@pytest.mark.parametrize("usage", ["12", [12], {"usage": "12"}, {"usage": [12]}])
+def test_a_usage_field_that_is_not_gateway_luas_object_is_rejected(usage: Any) -> None:
+    from meter.parse import Reject, parse_line
+
+    line = entry("odd-usage")
+    line["usage"] = usage
+    rejected = parse_line(json.dumps(line).encode())
+    assert isinstance(rejected, Reject) and "usage is not a JSON object" in rejected.reason
