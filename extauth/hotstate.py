@@ -320,7 +320,8 @@ class Verdict(NamedTuple):
 
 
 def parse_verdict(reply: list[int]) -> Verdict:
-    return Verdict(*map(int, reply))
+    # The script's reply is integers already (hiredis hands Lua numbers over as ints).
+    return Verdict._make(reply)
 
 
 class RedisClock:

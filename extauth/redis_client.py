@@ -27,7 +27,7 @@ import hashlib
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -103,9 +103,13 @@ class _Node:
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
 
-    async def call(self, command: bytes) -> Any:
-        conn = self._conn if self._conn is not None else await self._connect()
-        return await self._enqueue(conn, command)
+    def call(self, command: bytes) -> Awaitable[Any]:
+        # Connected (steady state): the reply's future itself, without a coroutine around it per call.
+        conn = self._conn
+        return self._enqueue(conn, command) if conn is not None else self._call_connecting(command)
+
+    async def _call_connecting(self, command: bytes) -> Any:
+        return await self._enqueue(await self._connect(), command)
 
     async def call_asking(self, command: bytes) -> Any:
         """ASKING then the command, in one write: the server takes the command for a slot it imports."""
