@@ -1,17 +1,20 @@
--- Hands the request body's `model` (lifted by json_to_metadata just before) to ext_authz as the
--- header x-gateway-model, so the body itself never travels to ext_authz; and, when the body states
--- them, its completion budget (`max_completion_tokens`, else `max_tokens`, else the Responses API's
--- `max_output_tokens`) as x-gateway-max-tokens and
--- its choice count `n` as x-gateway-choices, and the body's size as x-gateway-body-bytes (Envoy sends
--- ext_authz a check with content-length 0): together they size a managed request's spend reservation.
+-- Hands what ext_authz needs to know of the request body, which never travels to ext_authz, as one
+-- header, x-gateway-body: `name=value` pairs joined by `&` (extauth/body_facts.py reads them):
+-- `model` (lifted by json_to_metadata just before), percent-escaped; the body's size `bytes` (Envoy
+-- sends ext_authz a check with content-length 0); and, when the body states them, its completion budget
+-- `max_tokens` (`max_completion_tokens`, else `max_tokens`, else the Responses API's
+-- `max_output_tokens`) and its choice count `n`: together they size a managed request's spend
+-- reservation. One header for all of them: each header added here costs Envoy ~9,500 instructions a
+-- request (copied into the check, listed for removal, dropped).
 --
 -- A client's own x-gateway-* headers never get this far (envoy.yaml removes them before routing), so
--- the headers can only carry the body's values. The model is percent-escaped (control characters,
--- spaces, "%", DEL and non-ASCII bytes): a model name is client input and may hold bytes no header may
--- carry, or spaces a header would trim; ext_authz unescapes it. A count is passed only when it is a
--- whole number a request could mean; anything else is left to the upstream to refuse.
+-- the header can only carry the body's values. The model is percent-escaped (control characters,
+-- spaces, "%", "&", DEL and non-ASCII bytes): a model name is client input and may hold bytes no
+-- header may carry, spaces a header would trim or the pairs' separator; ext_authz unescapes it. A
+-- count is passed only when it is a whole number a request could mean; anything else is left to the
+-- upstream to refuse.
 --
--- Without a string `model`, what is wrong with the body goes in x-gateway-body (extauth/errors.py
+-- Without a string `model`, what is wrong with the body is the one fact, `error` (extauth/errors.py
 -- words it): `not_json` (not a JSON content type), `invalid_json` (unparseable or not UTF-8),
 -- `not_object` (valid JSON, but not an object), `model_type` (`model` is not a string). Only this
 -- failure path looks at the body; the common path reads the lifted metadata fields.
@@ -19,21 +22,16 @@
 -- The voice routes (/v1/audio/transcriptions, /v1/audio/translations) send multipart/form-data, which
 -- json_to_metadata does not read: for them only, the buffered body's `model` form field is handed over
 -- the same way, and the duration of WAV `file`s (the RIFF header: data bytes / byte rate) as
--- x-gateway-audio-seconds (it sizes the spend reservation) and into `gateway.usage:units` (the metered
--- audio seconds unless the upstream's answer reports its own, envoy/gateway.lua).
+-- `audio_seconds` (it sizes the spend reservation) and into `gateway.usage:units` (the metered audio
+-- seconds unless the upstream's answer reports its own, envoy/gateway.lua).
 
 local BODY = "envoy.filters.http.json_to_metadata"
-local HEADER = "x-gateway-model"
-local MAX_TOKENS = "x-gateway-max-tokens"
-local CHOICES = "x-gateway-choices"
-local BODY_BYTES = "x-gateway-body-bytes"
-local FACT = "x-gateway-body"
-local AUDIO_SECONDS = "x-gateway-audio-seconds"
+local HEADER = "x-gateway-body"
 local USAGE = "gateway.usage"
 local VOICE_PATHS = { ["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true }
 
 local function escape(value)
-  return (value:gsub("[%c%% \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
+  return (value:gsub("[%c%%& \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
 end
 
 local function count(value)
@@ -103,11 +101,12 @@ local function voice(handle, headers)
   local model, seconds = multipart(handle, headers:get("content-type"))
   if not model then return true end
   headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
-  headers:add(HEADER, escape(model))
+  local facts = "model=" .. escape(model)
   local length = headers:get("content-length")
-  if length then headers:add(BODY_BYTES, length) end
+  if length then facts = facts .. "&bytes=" .. length end
+  if seconds then facts = facts .. string.format("&audio_seconds=%.3f", seconds) end
+  headers:add(HEADER, facts)
   if seconds then
-    headers:add(AUDIO_SECONDS, string.format("%.3f", seconds))
     handle:streamInfo():dynamicMetadata():set(USAGE, "units",
       { unit = "audio_second", quantity = math.floor(seconds * 1000 + 0.5) / 1000, detail = "wav" })
   elseif seconds == false then
@@ -138,14 +137,15 @@ function envoy_on_request(handle)
   local model = body and body["model"]
   local headers = handle:headers()
   if type(model) == "string" then
-    headers:add(HEADER, escape(model))
+    local facts = "model=" .. escape(model)
     local length = headers:get("content-length")
-    if length then headers:add(BODY_BYTES, length) end
+    if length then facts = facts .. "&bytes=" .. length end
     local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
       or count(body["max_output_tokens"]) -- the Responses API's
-    if budget then headers:add(MAX_TOKENS, budget) end
+    if budget then facts = facts .. "&max_tokens=" .. budget end
     local choices = count(body["n"])
-    if choices then headers:add(CHOICES, choices) end
+    if choices then facts = facts .. "&n=" .. choices end
+    headers:add(HEADER, facts)
     return
   end
   -- Not JSON: a voice route's multipart form, or a body to refuse.
@@ -162,5 +162,5 @@ function envoy_on_request(handle)
     fact = shape_of(handle)
   end
   -- Fetched afresh: shape_of may have waited for the body, and wrapper objects do not survive that.
-  if fact then handle:headers():add(FACT, fact) end
+  if fact then handle:headers():add(HEADER, "error=" .. fact) end
 end

@@ -14,24 +14,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS, in_force
-from extauth import errors, hotstate, ratelimit, routes, upstream
-from extauth.decision import (
-    ALLOW,
-    AUDIO_SECONDS_HEADER,
-    BODY_BYTES_HEADER,
-    BODY_FACT_HEADER,
-    CHOICES_HEADER,
-    DENY,
-    LOCAL,
-    LOCAL_MODELS_PATH,
-    MAX_TOKENS_HEADER,
-    MODEL_HEADER,
-    Decision,
-)
+from extauth import body_facts, errors, hotstate, ratelimit, routes, upstream
+from extauth.body_facts import BodyFacts
+from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, Decision
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
@@ -107,20 +95,19 @@ class Checker:
 
     async def check(self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
-        the body's `model` as envoy/authz_request.lua hands it over. `key_only`: Envoy's pre-check of a
-        large body (envoy.yaml, gateway.key_precheck): route and key, nothing counted or injected."""
+        the body's facts as envoy/authz_request.lua hands them over (extauth/body_facts.py). `key_only`:
+        Envoy's pre-check of a large body (envoy.yaml, gateway.key_precheck): route and key, nothing
+        counted or injected."""
         started = time.perf_counter()
         started_us = self._clock.now_us()
-        model = headers.get(MODEL_HEADER)
+        facts = body_facts.read(headers.get(body_facts.HEADER))
         try:
-            decision = await self._check(
-                method, path, headers, None if model is None else unquote(model), started_us, key_only
-            )
+            decision = await self._check(method, path, headers, facts, started_us, key_only)
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
-        if model is None and decision.error_code == "missing_model":  # say what is wrong with the body
-            decision = _deny(errors.bad_body(headers.get(BODY_FACT_HEADER)), decision.client_headers, decision.meta)
+        if facts.model is None and decision.error_code == "missing_model":  # say what is wrong with the body
+            decision = _deny(errors.bad_body(facts.problem), decision.client_headers, decision.meta)
         kind = "precheck" if key_only else decision.kind
         self._metrics.decided(kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision
@@ -130,7 +117,7 @@ class Checker:
         method: str,
         raw_path: str,
         headers: Mapping[str, str],
-        model: str | None,
+        facts: BodyFacts,
         started_us: int,
         key_only: bool = False,
     ) -> Decision:
@@ -175,7 +162,7 @@ class Checker:
         # Under whichever view of the workspace the script call ends up using (a reload may bring a limit).
         size = None
         if route.modalities:
-            size = lambda ws: self._reservation(route, ws, model, headers)  # noqa: E731
+            size = lambda ws: self._reservation(route, ws, facts)  # noqa: E731
         try:
             verdict, key, workspace = await self._rate_limit(key_hash, key, workspace, size, headers, started_us)
         except RedisUnavailable as exc:
@@ -202,24 +189,19 @@ class Checker:
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)
         over_spend = verdict is not None and verdict.spend == hotstate.SPEND_REFUSED
-        return self._allow(route, workspace, model, headers.keys(), limit_headers, meta, over_spend)
+        return self._allow(route, workspace, facts.model, headers.keys(), limit_headers, meta, over_spend)
 
-    def _reservation(
-        self, route: routes.Route, workspace: WorkspaceEntry, model: str | None, headers: Mapping[str, str]
-    ) -> int:
+    def _reservation(self, route: routes.Route, workspace: WorkspaceEntry, facts: BodyFacts) -> int:
         """The micro-USD this request reserves against the spend limit: 0 unless it is a managed request
         of a limited workspace that _allow would let through."""
-        if workspace.spend_limit_uusd is None or not model:
+        if workspace.spend_limit_uusd is None or not facts.model:
             return 0
-        dep = workspace.deployments.get(model)
+        dep = workspace.deployments.get(facts.model)
         if (dep is None or dep.destination != "managed" or not dep.priced
                 or dep.modality not in route.modalities or not self._managed_key
                 or routes.upstream_path(dep.endpoint_id, route) is None):
             return 0
-        return self._spend.cost_uusd(
-            dep, headers.get(BODY_BYTES_HEADER), headers.get(MAX_TOKENS_HEADER), headers.get(CHOICES_HEADER),
-            headers.get(AUDIO_SECONDS_HEADER),
-        )
+        return self._spend.cost_uusd(dep, facts.body_bytes, facts.max_tokens, facts.choices, facts.audio_seconds)
 
     async def _rate_limit(
         self,

@@ -28,21 +28,9 @@ DESTINATION_HEADER = "x-gateway-destination"
 # The path the forwarded request takes; envoy/gateway.lua moves it into `:path` (an HTTP answer cannot
 # carry pseudo-headers, and both transports share one mechanism).
 PATH_HEADER = "x-gateway-path"
-# The request body's `model`, lifted by json_to_metadata and handed over, percent-escaped, by
-# envoy/authz_request.lua.
-MODEL_HEADER = "x-gateway-model"
-# The body's completion budget, choice count and size, handed over the same way when present (they size
-# a managed request's spend reservation, extauth/reservation.py).
-MAX_TOKENS_HEADER = "x-gateway-max-tokens"
-CHOICES_HEADER = "x-gateway-choices"
-BODY_BYTES_HEADER = "x-gateway-body-bytes"
 # Marks, as gRPC call metadata, Envoy's key pre-check of a large body (envoy.yaml gateway.key_precheck);
 # over HTTP the pre-check has its own path prefix instead.
 PRECHECK_METADATA = "x-gateway-precheck"
-# Set instead, by the same file, when the body has no string `model`: what is wrong with the body.
-BODY_FACT_HEADER = "x-gateway-body"
-# A voice request's audio duration when envoy/authz_request.lua could read it (a WAV file's header).
-AUDIO_SECONDS_HEADER = "x-gateway-audio-seconds"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"

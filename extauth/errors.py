@@ -55,7 +55,8 @@ def missing_model() -> Denial:
     return Denial(400, "missing_model", "You must provide a model parameter in a JSON request body.")
 
 
-# What envoy/authz_request.lua found wrong with a body that has no string `model` (x-gateway-body).
+# What envoy/authz_request.lua found wrong with a body that has no string `model` (the `error` fact of
+# x-gateway-body, extauth/body_facts.py).
 _BODY_FACTS = {
     "not_json": ("invalid_json", None, "The request body must be JSON, sent with `Content-Type: application/json`."),
     "invalid_json": (
@@ -81,7 +82,7 @@ def request_headers_too_large() -> Denial:
     return Denial(
         431,
         "request_headers_too_large",
-        "The request carries too many or too large headers for this gateway: at most 85 headers and "
+        "The request carries too many or too large headers for this gateway: at most 88 headers and "
         "59 KiB in all.",
     )
 

@@ -11,17 +11,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 
-from extauth.decision import (
-    AUDIO_SECONDS_HEADER,
-    BODY_BYTES_HEADER,
-    BODY_FACT_HEADER,
-    CHOICES_HEADER,
-    DESTINATION_HEADER,
-    LOCAL_DESTINATION,
-    MAX_TOKENS_HEADER,
-    MODEL_HEADER,
-    PATH_HEADER,
-)
+from extauth import body_facts
+from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
 
 # Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
 # absent: compressed responses would hide usage from the access log.
@@ -36,25 +27,17 @@ _KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_H
 # ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
 # with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
 # answer add: the check request counts Envoy's additions already, the answer adds two headers and
-# at most a few hundred bytes (credential, path).
+# at most a few hundred bytes (credential, path). Room is kept for the header of the body's facts
+# (extauth/body_facts.py) whether this request has it or not, so the limit a client meets does not
+# depend on its body: 88 headers of its own, with the 7 a plain HTTP client adds.
 MAX_CHECKED_HEADERS = 94
 MAX_CHECKED_HEADER_BYTES = 59 * 1024
-# The body's facts envoy/authz_request.lua adds (a model and up to three sizes, or what is wrong with
-# the body). Room is kept for all of them whatever this request carries, so the limit a client meets
-# does not depend on its body: 85 headers of its own, with the 7 a plain HTTP client adds.
-_FACT_HEADERS = frozenset(
-    {MODEL_HEADER, BODY_BYTES_HEADER, MAX_TOKENS_HEADER, CHOICES_HEADER, BODY_FACT_HEADER, AUDIO_SECONDS_HEADER}
-)
-_MOST_FACTS = 4
 
 
 def fits_upstream(headers: Mapping[str, str]) -> bool:
-    # Counting the client's own headers one by one is only needed near the limit: a request with few
-    # headers in all (every real one) fits by its total alone.
-    if len(headers) + _MOST_FACTS > MAX_CHECKED_HEADERS:
-        own = sum(1 for name in headers if name not in _FACT_HEADERS)
-        if own + _MOST_FACTS > MAX_CHECKED_HEADERS:
-            return False
+    own = len(headers) - 1 if body_facts.HEADER in headers else len(headers)
+    if own + 1 > MAX_CHECKED_HEADERS:
+        return False
     return sum(map(len, headers)) + sum(map(len, headers.values())) <= MAX_CHECKED_HEADER_BYTES
 
 

@@ -293,9 +293,10 @@ def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: 
     # One more image ($0.04) or 2.5 s of audio ($0.025) would pass the limit: both are refused up front.
     wait_until(lambda: stopped(lambda: sdk.images.generate(model="capped-image", prompt="x")), 30, "images stop")
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5))))
-    # A client's own x-gateway-audio-seconds never reaches ext_authz (Envoy removes it before routing).
+    # A client's own body facts never reach ext_authz (Envoy removes the header before routing).
+    forged = {"x-gateway-body": "model=capped-voice&audio_seconds=0&bytes=0"}
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5)),
-                                                           extra_headers={"x-gateway-audio-seconds": "0"}))
+                                                           extra_headers=forged))
     # Not a WAV file: sized from its bytes (40 kB at 1,000 bytes a second: $0.40).
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.mp3", b"\xff" * 40_000)))
     # A shorter clip fits what is left ($0.01 of audio), once.

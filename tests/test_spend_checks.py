@@ -15,9 +15,9 @@ from opentelemetry.metrics import NoOpMeterProvider
 
 from control import apikeys
 from control.net import free_port, wait_for_port
-from extauth import hotstate
+from extauth import body_facts, hotstate
 from extauth.checker import Checker
-from extauth.decision import ALLOW, BODY_BYTES_HEADER, DENY, MAX_TOKENS_HEADER, MODEL_HEADER
+from extauth.decision import ALLOW, DENY
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
 from extauth.reservation import ReservationPolicy
@@ -78,8 +78,11 @@ def checker(hot: FakeHot, store: FakeStore | None = None, failure_mode: str = "c
     return Checker(cast(Any, store), hot, failure_mode, metrics, "platform-key", ReservationPolicy(4096, 32768, 60))
 
 
-def check(c: Checker, model: str, **headers: str) -> Any:
-    all_headers = {"authorization": f"Bearer {TOKEN}", MODEL_HEADER: model, "x-request-id": "req-1", **headers}
+def check(c: Checker, model: str, **facts: str) -> Any:
+    """One check of a body with this `model` and these other facts (`bytes`, `max_tokens`, ...), as
+    envoy/authz_request.lua states them."""
+    stated = "&".join(f"{name}={value}" for name, value in {"model": model, **facts}.items())
+    all_headers = {"authorization": f"Bearer {TOKEN}", body_facts.HEADER: stated, "x-request-id": "req-1"}
     return asyncio.run(c.check("POST", "/v1/chat/completions", all_headers))
 
 
@@ -90,7 +93,7 @@ def _known_token(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_managed_request_of_a_limited_workspace_reserves_its_estimate() -> None:
     hot = FakeHot()
-    decision = check(checker(hot), "managed-chat", **{BODY_BYTES_HEADER: "200", MAX_TOKENS_HEADER: "16"})
+    decision = check(checker(hot), "managed-chat", bytes="200", max_tokens="16")
     assert decision.kind == ALLOW
     [asked] = hot.calls
     # 200 body bytes at $10/M + 16 completion tokens at $1,000/M, in micro-USD.
@@ -100,14 +103,14 @@ def test_a_managed_request_of_a_limited_workspace_reserves_its_estimate() -> Non
 
 def test_without_a_budget_the_default_completion_is_reserved() -> None:
     hot = FakeHot()
-    check(checker(hot), "managed-chat", **{BODY_BYTES_HEADER: "100"})
+    check(checker(hot), "managed-chat", bytes="100")
     assert hot.calls[0]["reserve_uusd"] == 100 * 10 + 4096 * 1000
 
 
 @pytest.mark.parametrize("model", ["own-chat", "missing", "unpriced"])
 def test_nothing_is_reserved_for_requests_that_would_not_be_served_managed(model: str) -> None:
     hot = FakeHot()
-    check(checker(hot), model, **{BODY_BYTES_HEADER: "100"})
+    check(checker(hot), model, bytes="100")
     assert hot.calls[0]["reserve_uusd"] == 0 and hot.calls[0]["request_id"] == ""
 
 

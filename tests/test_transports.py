@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 
 import openai
 import pytest
 import yaml
 
+from control import deployments, pricing
 from control.settings import read_runtime
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
 from tests.support import ROOT, call, wait_until
@@ -21,11 +23,15 @@ def chat_body(model: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     "model",
-    ["a\nb\r\nx-injected: 1", "del\x7fchar", "nul\x00char", "模型-über", "100%-sure", "quote\"and\\slash", " "],
+    ["a\nb\r\nx-injected: 1", "del\x7fchar", "nul\x00char", "模型-über", "100%-sure", "quote\"and\\slash", " ",
+     # The body's facts travel as `name=value&...` (extauth/body_facts.py): a name holding the
+     # separators or an escape is taken whole, never as another model or another fact.
+     "x&model={chat}", "{chat}&bytes=0&max_tokens=1", "=x&model={chat}", "%26model={chat}", "{chat}%"],
 )
 def test_any_model_string_gets_model_not_found_with_the_name_echoed(
     gateway: Gateway, tenant: Tenant, model: str
 ) -> None:
+    model = model.format(chat=tenant.chat_model)
     reply = call("POST", f"{gateway.base_url}/chat/completions", chat_body(model), key=tenant.api_key)
     assert reply.status == 404, reply.body
     error = reply.json()["error"]
@@ -46,7 +52,7 @@ def test_forged_transport_headers_change_nothing(gateway: Gateway, simulator: Si
     """A client sending the headers ext_authz and gateway.lua use among themselves gets nothing from it."""
     other = make_tenant(gateway, simulator)
     forged = {
-        "x-gateway-model": other.chat_model,
+        "x-gateway-body": f"model={other.chat_model}&bytes=1",
         "x-gateway-path": f"/v2/{other.deployments[other.chat_model]}/openai/v1/chat/completions",
         "x-gateway-destination": "managed",
         "x-gw-log": json.dumps({"decision": "allow", "workspace_id": other.workspace_id}),
@@ -87,11 +93,13 @@ def grpc_gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, simulator: Simulator,
     gateway: Gateway,
 ) -> Iterator[Gateway]:
-    """The same shipped envoy/envoy.yaml, with EXTAUTH_TRANSPORT=grpc and nothing else changed."""
+    """The same shipped envoy/envoy.yaml, with EXTAUTH_TRANSPORT=grpc and nothing else changed; a node
+    of the same fleet as `gateway` (one master keyring, one platform key for the managed destination)."""
     root = tmp_path_factory.mktemp("grpc")
     yield from start_gateway(root, database_url, redis_url, simulator.url,
                              {"EXTAUTH_TRANSPORT": "grpc",
-                              "GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key")})
+                              "GATEWAY_MASTER_KEY_FILE": str(gateway.state_dir / "master.key"),
+                              "GATEWAY_MANAGED_API_KEY": gateway.env["GATEWAY_MANAGED_API_KEY"]})
 
 
 def test_the_grpc_setting_renders_the_grpc_blocks_of_the_shipped_file(grpc_gateway: Gateway) -> None:
@@ -151,6 +159,34 @@ def test_the_grpc_transport_decides_the_same(grpc_gateway: Gateway, gateway: Gat
     assert any(line.get("prompt_tokens") for line in logged())
 
 
+def test_over_grpc_the_bodys_budget_sizes_the_spend_reservation_too(
+    grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator
+) -> None:
+    """The body's facts reach the gRPC check in the same header as the HTTP one: a managed request that
+    states a small completion budget fits what is left of the limit, the same request without one
+    reserves the 4,096-token default and is refused before it costs anything."""
+    t = make_tenant(gateway, simulator)
+    with gateway.context() as ctx:
+        opts = deployments.DeployOptions("org/llm", "llm", "g-llm", wait_timeout_s=10, destination="managed")
+        deployments.deploy(ctx, t.workspace_id, opts, progress=lambda _m: None,
+                           price=pricing.Price(Decimal(10), Decimal(20)))  # USD per million tokens
+    gateway.ctl_json("workspace", "set-spend-limit", t.workspace_id, "0.01")  # 4,096 x $20/M = $0.08 > $0.01
+    sdk = openai.OpenAI(base_url=grpc_gateway.base_url, api_key=t.api_key, max_retries=0)
+    ask = [{"role": "user", "content": "a b"}]
+
+    def refused() -> bool:
+        try:
+            sdk.chat.completions.create(model="g-llm", messages=ask)
+        except openai.PermissionDeniedError as exc:
+            return exc.code == "plan_limit_exceeded"
+        return False
+
+    wait_until(refused, 10, "the limit known to the gRPC gateway")
+    answer = sdk.chat.completions.create(model="g-llm", messages=ask, max_tokens=16)
+    assert answer.choices[0].message.content == "Echo: a b"
+    assert refused()
+
+
 def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
     grpc_gateway: Gateway, gateway: Gateway, simulator: Simulator
 ) -> None:
@@ -168,7 +204,7 @@ def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
     request = authz.CheckRequest(attributes=attributes.AttributeContext(request=attributes.AttributeContext.Request(
         http=attributes.AttributeContext.HttpRequest(
             method="POST", path="/v1/chat/completions",
-            headers={"authorization": f"Bearer {t.api_key}", "x-gateway-model": t.chat_model,
+            headers={"authorization": f"Bearer {t.api_key}", "x-gateway-body": f"model={t.chat_model}",
                      # Where a client's own headers travel: never taken as the secret.
                      "x-gateway-secret": secret}))))
     with grpc.insecure_channel(grpc_gateway.env["EXTAUTH_LISTEN"]) as channel:
