@@ -27,18 +27,19 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
-def ephemeral_floor() -> int:
+def _ephemeral_floor() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now, chosen below the kernel's ephemeral range: a port the kernel handed out (bind to
-    0) is soon reused as the source port of some outgoing connection (Envoy opens many to ext_authz),
-    and a listener started a moment later on it then fails with "address in use"."""
-    floor = ephemeral_floor()
+def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
+    """A port free now, chosen below the kernel's ephemeral range (by `below` more, for a server that
+    also listens that much higher): a port the kernel handed out (bind to 0) is soon reused as the
+    source port of some outgoing connection (Envoy opens many to ext_authz), and a listener started a
+    moment later on it then fails with "address in use"."""
+    floor = _ephemeral_floor() - below
     for _ in range(200):
         port = random.randrange(max(1024, floor - 12000), floor)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

