@@ -28,6 +28,9 @@ ENVOY_ADMIN_CLUSTER = "envoy_admin"
 EXTAUTH_FILTER = "envoy.filters.http.ext_authz"
 # The key pre-check of large bodies: a second ext_authz client, wrapped in a matcher (envoy.yaml).
 PRECHECK_FILTER = "gateway.key_precheck"
+# The routes' request-body limits: a buffer filter, its own limit the default, a route's in its per-route config.
+BODY_LIMIT_FILTER = "gateway.body_limit"
+ENVOY_DEFAULT_BUFFER_LIMIT = 1 << 20  # per_connection_buffer_limit_bytes left unset
 # Where envoy.yaml keeps the gRPC transport's blocks: the `extauth` cluster's metadata.
 GRPC_TRANSPORT_METADATA = "gateway.grpc_transport"
 TRANSPORTS = ("http", "grpc")
@@ -167,6 +170,38 @@ def require_secret(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _body_limits(listener: dict[str, Any]) -> list[tuple[str, int]]:
+    """(where, bytes) of every request-body limit gateway.body_limit applies on the listener."""
+    limits = [(f"the {BODY_LIMIT_FILTER} filter", int(f["typed_config"]["extension_config"]["typed_config"]
+                                                       .get("max_request_bytes", 0)))
+              for f in _http_filters(listener) if f.get("name") == BODY_LIMIT_FILTER]
+    for chain in listener["filter_chains"]:
+        for network_filter in chain["filters"]:
+            route_config = network_filter.get("typed_config", {}).get("route_config", {})
+            for host in route_config.get("virtual_hosts", []):
+                for route in host.get("routes", []):
+                    per_route = route.get("typed_per_filter_config", {}).get(BODY_LIMIT_FILTER, {})
+                    if "buffer" in per_route:
+                        limits.append((f"route {route.get('name', '?')!r}",
+                                       int(per_route["buffer"].get("max_request_bytes", 0))))
+    return limits
+
+
+def require_buffer_room(config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a config whose listener holds less than some route's body limit: a body that arrives while
+    the key is pre-checked pauses reading at the listener's limit, and a route that then raises the limit
+    holds the bytes for good, so such an upload hangs until the idle timeout (envoy.yaml, the listener)."""
+    listener = _named(config["static_resources"]["listeners"], LISTENER, "listener")
+    room = int(listener.get("per_connection_buffer_limit_bytes", ENVOY_DEFAULT_BUFFER_LIMIT))
+    over = [f"{where} ({limit})" for where, limit in _body_limits(listener) if limit > room]
+    if over:
+        verb = "is" if len(over) == 1 else "are"
+        raise SettingsError(f"the {LISTENER!r} listener's per_connection_buffer_limit_bytes ({room}) must be at "
+                            f"least every request-body limit, but {', '.join(over)} {verb} larger: raise the "
+                            "listener's (README, \"Operators: limits at the edge\")")
+    return config
+
+
 def render(
     source: Path,
     *,
@@ -202,7 +237,7 @@ def render(
 
     _point_at(_named(resources["clusters"], RUNPOD_CLUSTER, "cluster"), runpod_inference_url, "RUNPOD_INFERENCE_URL")
     _point_at(_named(resources["clusters"], MANAGED_CLUSTER, "cluster"), managed_url, "GATEWAY_MANAGED_URL")
-    return require_secret(select_transport(config, transport))
+    return require_buffer_room(require_secret(select_transport(config, transport)))
 
 
 def write(config: dict[str, Any], target: Path) -> Path:

@@ -101,3 +101,25 @@ def decide_once(port: int, keys: Any, args: list[Any]) -> Any:
             await client.close()
 
     return hotstate.parse_verdict(asyncio.run(run()))
+
+
+@contextmanager
+def checks_paused(state_dir: Path, seconds: float) -> Iterator[None]:
+    """The stack's ext_authz replicas stopped (SIGSTOP) for `seconds` from now, as a loaded host or a
+    long pause of theirs would leave them, while the body of the `with` runs; resumed whatever happens."""
+    import threading
+
+    from control.settings import read_runtime
+
+    pids = [pid for name, pid in read_runtime(state_dir)["pids"].items() if name.startswith("extauth-")]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(seconds, lambda: [os.kill(pid, signal.SIGCONT) for pid in pids])
+    resume.start()
+    try:
+        yield
+    finally:
+        resume.cancel()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call, envoy_copy
+from tests.support import call, checks_paused, envoy_copy
 
 # The shipped limits (envoy/envoy.yaml; README, "Operators: limits at the edge").
 HEADERS_TIMEOUT_S = 10
@@ -319,6 +319,42 @@ def test_a_chat_with_a_10_mb_image_and_2048_embedding_inputs_pass(gateway: Gatew
         sdk(gateway, "sk-gw-" + "B" * 43).embeddings.create(model=tenant.embedding_model, input=inputs)
 
 
+def test_a_large_body_sent_while_the_checks_are_slow_is_not_stalled_and_one_past_its_limit_not_forwarded(
+    gateway: Gateway, tenant: Tenant, sockets: list[socket.socket]
+) -> None:
+    """While the key's pre-check is in flight Envoy holds what arrives, up to the listener's limit. When
+    that was 16 MiB, below the route's, a body past it stopped being read and never resumed: the client
+    got a 408 after 10 s (measured: 19.2 MB with the checks paused for 0.2 s; CI's 25 MB upload)."""
+    client = sdk(gateway, tenant.api_key)
+    image = data_url_image(15 * 1000 * 1000)  # 20 MB of base64
+    with checks_paused(gateway.state_dir, 0.3):
+        started = time.monotonic()
+        reply = client.chat.completions.create(model=tenant.chat_model, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": image}}]}])
+        took = time.monotonic() - started
+    assert reply.choices[0].message.content == "Echo: describe"
+    assert took < IDLE_TIMEOUT_S / 2, took
+    # Of unknown length and past the route's limit, all of it sent while the key is checked: Envoy
+    # stops reading at its limit and, since no more bytes arrive to be measured against the route's,
+    # only the idle timeout ends it (408). Bounded in time and memory, and never forwarded.
+    sock = socket.create_connection(address(gateway))
+    sockets.append(sock)
+    piece = b"x" * 65536
+    with checks_paused(gateway.state_dir, 0.3):
+        sock.sendall(chunked("/v1/chat/completions", tenant.api_key))
+        try:
+            for _ in range(CHAT_LIMIT // len(piece) + 16):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        except OSError:
+            pass
+    answer, took = read_answer(sock, IDLE_TIMEOUT_S + 5)
+    assert took < IDLE_TIMEOUT_S + 3
+    assert status_and_error(answer)[0] in (0, 408, 413), answer[:200]  # 0: reset while still sending
+    time.sleep(1.2)  # Envoy flushes the access log every 500 ms
+    [line] = [e for e in gateway.access_log() if e.get("bytes_received", 0) > CHAT_LIMIT]
+    assert line["status"] in (408, 413) and not line["upstream_host"], line
+
+
 @pytest.mark.parametrize(
     ("path", "limit"), [("/chat/completions", CHAT_LIMIT), ("/embeddings", EMBEDDINGS_LIMIT)],
     ids=["chat", "embeddings"],
@@ -446,3 +482,23 @@ def test_many_or_large_headers_get_a_real_answer(
         error = reply.json()["error"]
         assert_openai_shape(error)
         assert error["code"] in ("request_headers_too_large", "bad_request")
+
+
+def test_an_edited_config_whose_route_holds_more_than_the_listener_is_refused_by_name(tmp_path: Path) -> None:
+    """Such a route hangs a body over the listener's limit that arrives during the key's pre-check (see
+    test_a_large_body_sent_while_the_checks_are_slow_...): said when the stack renders the config, not
+    as 408s later."""
+    from control import envoy_config
+    from control.env import HostPort, SettingsError
+
+    path = envoy_copy(tmp_path)
+    text = path.read_text()
+    edited = text.replace("buffer: { max_request_bytes: 27262976 }", "buffer: { max_request_bytes: 40000000 }")
+    assert edited != text
+    path.write_text(edited)
+    with pytest.raises(SettingsError, match=r"per_connection_buffer_limit_bytes \(33554432\).*route 'voice' "
+                                            r"\(40000000\) is larger"):
+        envoy_config.render(path, listen=HostPort("127.0.0.1", 1), admin=HostPort("127.0.0.1", 2),
+                            stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
+                            extauth_admin=[HostPort("127.0.0.1", 5)], transport="http",
+                            runpod_inference_url="http://x", managed_url="http://x", access_log=tmp_path / "a.log")

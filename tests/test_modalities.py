@@ -21,7 +21,7 @@ from extauth.reservation import ReservationPolicy
 from extauth.state import DeploymentEntry
 from meter.parse import Reject, UsageRecord, parse_line
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant
-from tests.support import call, wait_until
+from tests.support import call, checks_paused, wait_until
 
 TOKEN_PRICE = pricing.Price(Decimal(10), Decimal(20))  # USD per million tokens
 IMAGE_USD, CHARACTER_USD, SECOND_USD = Decimal("0.04"), Decimal("0.0001"), Decimal("0.01")
@@ -160,7 +160,11 @@ def test_a_25_mb_upload_passes_and_a_larger_one_is_the_gateways_413(
     before = len(rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", 0))
     big = wav(781.0)  # 16 kHz, 16-bit mono: 32,000 bytes a second
     assert 24_900_000 < len(big) <= 25_000_000
-    text = sdk.audio.transcriptions.create(model="m-voice", file=("big.wav", big, "audio/wav"))
+    # With the checks slow (a loaded host): the file arrives while the key's pre-check is in flight.
+    # Envoy then held the stream to the listener's 16 MiB, stopped reading past it and never resumed:
+    # the upload hung until the 10 s idle timeout (408), as CI saw.
+    with checks_paused(gateway.state_dir, 0.3):
+        text = sdk.audio.transcriptions.create(model="m-voice", file=("big.wav", big, "audio/wav"))
     assert text.text == "Transcribed 781 seconds of audio."
     [row] = rows(gateway, tenant.workspace_id, "/v1/audio/transcriptions", before + 1)[before:]
     assert (row["unit"], row["quantity"], row["cost_usd"]) == ("audio_second", 781.0, 781 * SECOND_USD)
