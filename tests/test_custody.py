@@ -226,6 +226,32 @@ def stranger_envoy(gateway: Gateway, tmp_path: Path) -> Iterator[str]:
         assert f"extauth::{replica}::health_flags::/failed_active_hc" in clusters, clusters
 
 
+def test_a_second_envoy_on_the_gateways_port_fails_instead_of_taking_half_its_clients(
+    gateway: Gateway, victim: Tenant, tmp_path: Path
+) -> None:
+    """Envoy's default (SO_REUSEPORT) let a second Envoy of the same user bind the same port, and the
+    kernel then split new connections between the two: measured 6 of 8 to the newcomer."""
+    listen = HostPort.parse(gateway.env["GATEWAY_LISTEN"], "GATEWAY_LISTEN")
+    config = envoy_config.render(
+        ROOT / "envoy" / "envoy.yaml", listen=listen, admin=HostPort("127.0.0.1", free_port()),
+        stats=HostPort("127.0.0.1", free_port()), extauth=[HostPort("127.0.0.1", free_port())],
+        extauth_admin=[HostPort("127.0.0.1", free_port())], transport="http",
+        runpod_inference_url=gateway.env["RUNPOD_INFERENCE_URL"], managed_url=gateway.env["GATEWAY_MANAGED_URL"],
+        access_log=tmp_path / "access.log")
+    path = envoy_config.write(config, tmp_path / "envoy.yaml")
+    env = {"PATH": os.environ["PATH"], "GATEWAY_EXTAUTH_SECRET": "another-stacks-secret-" + "s" * 32}
+    with running([envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"], env,
+                 tmp_path / "envoy.log") as proc:
+        wait_until(lambda: proc.poll() is not None, 20, "the second Envoy to give up")
+        for _ in range(8):
+            reply = call("POST", f"{gateway.base_url}/chat/completions",
+                         {"model": victim.chat_model, "messages": [{"role": "user", "content": "hi"}]},
+                         key=victim.api_key)
+            assert reply.status == 200, reply.body
+    assert proc.returncode != 0
+    assert "Address already in use" in (tmp_path / "envoy.log").read_text()
+
+
 def test_a_replica_that_is_not_its_own_is_never_used(
     stranger_envoy: str, gateway: Gateway, simulator: Simulator, victim: Tenant
 ) -> None:
