@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -24,6 +25,35 @@ def port_taken(host: str, port: int) -> bool:
             sock.bind((host, port))
         except OSError:
             return True
+    return False
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself has a listening TCP socket on `port` (Linux: /proc). A port that is
+    merely taken may be another process's, while the child that should hold it fails to bind and exits
+    only a moment later."""
+    sockets = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            # sl local_address rem_address st ... inode: st 0A is LISTEN
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in sockets:
+                return True
     return False
 
 

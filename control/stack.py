@@ -39,7 +39,7 @@ from control.embedded import postgres_alive, restart_postgres, start_postgres, s
 from control.env import HostPort, SettingsError
 from control.errors import ControlError
 from control.migrate import apply_migrations
-from control.net import EXIT_CANNOT_LISTEN, free_port, port_taken, wait_for, wait_for_http
+from control.net import EXIT_CANNOT_LISTEN, free_port, listens, port_taken, wait_for, wait_for_http
 from control.settings import ControlSettings, read_runtime, write_runtime
 
 ENVOY_FLUSH_MS = 500  # access-log flush interval: bounds how far the meter can lag behind
@@ -148,13 +148,13 @@ class Stack:
         )
         return envoy_config.write(config, s.state_dir / f"envoy.effective.{self._epoch}.yaml")
 
-    def _envoy(self, env: dict[str, str], config: Path) -> None:
+    def _envoy(self, env: dict[str, str], config: Path) -> Child:
         s = self.settings
         if self._epoch == 0:
             base_id = ["--use-dynamic-base-id", "--base-id-path", str(s.state_dir / "envoy.base-id")]
         else:
             base_id = ["--base-id", (s.state_dir / "envoy.base-id").read_text().strip()]
-        self._spawn("envoy", [
+        return self._spawn("envoy", [
             envoy_binary(), "-c", str(config), "--log-level", "warning",
             "--file-flush-interval-msec", str(ENVOY_FLUSH_MS), "--restart-epoch", str(self._epoch),
             "--drain-time-s", "2", "--parent-shutdown-time-s", "4", "--concurrency", str(s.envoy_concurrency), *base_id,
@@ -246,23 +246,29 @@ class Stack:
             for i, address in enumerate(replicas)
         ]
         def exited_or_listening(child: Child, address: HostPort) -> bool:
-            return child.proc.poll() is not None or port_taken(address.host, address.port)
+            return child.proc.poll() is not None or listens(child.proc.pid, address.port)
 
-        for child, address in zip(spawned, replicas, strict=True):
-            # A replica that exited (its port taken since the preflight) is a start failure, however
-            # many processes answer on that port.
+        def started(child: Child, address: HostPort, what: str) -> None:
+            # Only its own listening socket counts: a port taken since the preflight answers too, while
+            # the child that lost it exits a moment later (the stack then said "ready" and stopped).
             if not wait_for(functools.partial(exited_or_listening, child, address), 20):
-                raise self._fail("ext_authz", child.name)
+                raise self._fail(what, child.name)
             if child.proc.poll() is not None:
                 raise self._exited(child)
+
+        for child, address in zip(spawned, replicas, strict=True):
+            started(child, address, "ext_authz")
         # The meter resumes from its committed position, so restarting it after a crash loses nothing.
-        self._spawn("meter", [sys.executable, "-m", "meter"],
-                    {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)}, restart=True)
+        meter = self._spawn("meter", [sys.executable, "-m", "meter"],
+                            {**env, "METER_METRICS_LISTEN": str(s.meter_metrics_listen)}, restart=True)
+        started(meter, s.meter_metrics_listen, "the meter")
 
         s.access_log.parent.mkdir(parents=True, exist_ok=True)
         s.access_log.touch()
         effective = self._render_envoy()
-        self._envoy(private, effective)
+        envoy = self._envoy(private, effective)
+        started(envoy, s.listen, "envoy")
+        started(envoy, s.admin, "envoy")
         if not wait_for_http(f"http://{s.admin}/ready", 30, expect=b"LIVE"):
             raise self._fail("envoy", "envoy")
         # Ready means Envoy sees every replica healthy, and only this start's replicas can be (their

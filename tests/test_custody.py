@@ -265,30 +265,35 @@ def test_a_replica_that_is_not_its_own_is_never_used(
     assert not [r for r in simulator.requests() if "/openai/" in r["path"]], "nothing was signed with its keys"
 
 
-def test_a_replica_that_cannot_listen_stops_the_stack_instead_of_looping(
-    gateway: Gateway, tmp_path: Path
+@pytest.mark.parametrize(("child", "setting"), [("extauth-0", "EXTAUTH_METRICS_LISTEN"),
+                                               ("meter", "METER_METRICS_LISTEN")])
+def test_a_child_that_cannot_listen_stops_the_stack_before_it_says_ready(
+    gateway: Gateway, tmp_path: Path, child: str, setting: str
 ) -> None:
-    """The port is free at the preflight and taken by the time the replica binds: a fatal start error."""
+    """The port is free at the preflight and taken by the time the child binds: a fatal start error,
+    not a restart loop, and never "ready" first (the meter was not waited for: `up` said ready, then
+    stopped, and CI's tests were handed a stack that was going away)."""
     os.chmod(tmp_path, 0o755)
-    metrics = free_ports(1)
     env = {**gateway.env, "GATEWAY_STATE_DIR": str(tmp_path / "state"), "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_ADMIN": f"127.0.0.1:{free_port()}", "GATEWAY_STATS_LISTEN": f"127.0.0.1:{free_port()}",
-           "EXTAUTH_LISTEN": f"127.0.0.1:{free_port()}", "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{metrics}",
+           "EXTAUTH_LISTEN": f"127.0.0.1:{free_port()}", "EXTAUTH_METRICS_LISTEN": f"127.0.0.1:{free_ports(1)}",
            "METER_METRICS_LISTEN": f"127.0.0.1:{free_port()}"}
-    # A listener that appears on the replica's admin port right after the preflight: bound by a
-    # process started alongside, which waits for the launcher's state directory to appear.
+    port = int(env[setting].rsplit(":", 1)[1])
+    # A listener that appears on the child's port right after the preflight: bound by a process
+    # started alongside, which waits for the launcher's state directory to appear.
     squatter = (f"import socket, time, pathlib\n"
                 f"p = pathlib.Path({str(tmp_path / 'state' / 'logs')!r})\n"
                 f"while not p.exists(): time.sleep(0.001)\n"
                 f"s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                f"s.bind(('127.0.0.1', {metrics})); s.listen(); time.sleep(60)\n")
+                f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)\n")
     with running([sys.executable, "-c", squatter], dict(os.environ), tmp_path / "squatter.log"):
         done = subprocess.run([sys.executable, "-m", "control.cli", "up"], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=90)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
-    assert "extauth-0 cannot listen on its address" in output, output
-    log = (tmp_path / "state" / "logs" / "extauth-0.log").read_text()
+    assert f"{child} cannot listen on its address" in output, output
+    assert "ready in" not in output, output
+    log = (tmp_path / "state" / "logs" / f"{child}.log").read_text()
     assert log.count("cannot listen on") == 1, "started once, never restarted"
     wait_until(lambda: read_runtime(tmp_path / "state") == {}, 5, "the stack to clean up")
 
