@@ -64,6 +64,11 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
+# Ports this process handed out: free again until whoever asked binds them, so not handed out twice
+# (a stack's eight ports are picked before any is bound).
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
     """A port free now, chosen below the kernel's ephemeral range (by `below` more, for a server that
     also listens that much higher): a port the kernel handed out (bind to 0) is soon reused as the
@@ -72,12 +77,17 @@ def free_port(host: str = "127.0.0.1", below: int = 0) -> int:
     floor = _ephemeral_floor() - below
     for _ in range(200):
         port = random.randrange(max(1024, floor - 12000), floor)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
-            return port
+        if len(_handed_out) > 4000:  # bounded: the oldest picks are long bound or given up
+            _handed_out.clear()
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         fallback: int = sock.getsockname()[1]
@@ -88,12 +98,16 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
     """The first of `count` consecutive ports that are free now (for replicas on consecutive ports)."""
     for _ in range(100):
         first = free_port(host)
+        rest = range(first + 1, first + count)
         try:
-            for port in range(first, first + count):
+            for port in rest:
+                if port in _handed_out:
+                    raise OSError("handed out")
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                     sock.bind((host, port))
         except OSError:
             continue
+        _handed_out.update(rest)
         return first
     raise OSError("no run of free ports")
 

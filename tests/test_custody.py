@@ -265,6 +265,29 @@ def test_a_replica_that_is_not_its_own_is_never_used(
     assert not [r for r in simulator.requests() if "/openai/" in r["path"]], "nothing was signed with its keys"
 
 
+def test_a_port_counts_as_a_childs_only_when_its_own_process_listens_and_none_is_handed_out_twice() -> None:
+    from control.net import listens, port_taken
+
+    picked = [free_port() for _ in range(300)] + [free_ports(3) + i for _ in range(50) for i in range(3)]
+    assert len(set(picked)) == len(picked), "a stack picks all its ports before it binds any"
+    mine, theirs = free_port(), free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", mine))
+        assert not listens(os.getpid(), mine), "bound is not listening"
+        sock.listen()
+        assert listens(os.getpid(), mine)
+        squatter = subprocess.Popen([sys.executable, "-c", f"import socket, time; s = socket.socket(); "
+                                     f"s.bind(('127.0.0.1', {theirs})); s.listen(); print(1, flush=True); "
+                                     "time.sleep(30)"], stdout=subprocess.PIPE)
+        try:
+            assert squatter.stdout is not None and squatter.stdout.readline()
+            assert port_taken("127.0.0.1", theirs) and not listens(os.getpid(), theirs)
+            assert listens(squatter.pid, theirs)
+        finally:
+            squatter.kill()
+            squatter.wait()
+
+
 @pytest.mark.parametrize(("child", "setting"), [("extauth-0", "EXTAUTH_METRICS_LISTEN"),
                                                ("meter", "METER_METRICS_LISTEN")])
 def test_a_child_that_cannot_listen_stops_the_stack_before_it_says_ready(
