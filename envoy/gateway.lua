@@ -270,12 +270,22 @@ local function after_key(event, key, pattern)
   return stop ~= nil and event:find(pattern, stop + 1) ~= nil
 end
 
--- `event` without the member that starts at `key` and ends at `last`, and its separating comma.
+-- The bytes Lua's `%s` matches, and the comma.
+local SPACE = { [9] = true, [10] = true, [11] = true, [12] = true, [13] = true, [32] = true }
+local COMMA = 44
+
+-- `event` without the member that starts at `key` and ends at `last`, and its separating comma (the one
+-- before it, else the one after). Stepped byte by byte: the pattern this was (`^(.-),%s*$` on what
+-- precedes the member) is retried at every byte, ~20,000 instructions an event, and every event of a
+-- worker that forces usage has this member (callgrind: 180,000 of a short stream's 990,000).
 local function without(event, key, last)
-  local before = event:sub(1, key - 1):match("^(.-),%s*$")
-  if before then return before .. event:sub(last + 1) end
-  local after = event:sub(last + 1):match("^%s*,(.*)$")
-  return event:sub(1, key - 1) .. (after or event:sub(last + 1))
+  local at = key - 1
+  while SPACE[event:byte(at)] do at = at - 1 end
+  if event:byte(at) == COMMA then return event:sub(1, at - 1) .. event:sub(last + 1) end
+  local after = last + 1
+  while SPACE[event:byte(after)] do after = after + 1 end
+  if event:byte(after) == COMMA then return event:sub(1, key - 1) .. event:sub(after + 1) end
+  return event:sub(1, key - 1) .. event:sub(last + 1)
 end
 
 local function rewrite_stream(handle)
