@@ -115,6 +115,11 @@ local function usage_entry(usage, model, source)
            source = source }
 end
 
+-- A usage object's completion figure, as usage_entry reads it.
+local function completion_of(usage)
+  return tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)') or usage:match('"output_tokens"%s*:%s*(%d+)'))
+end
+
 local function first_model(text)
   return text:match('^%s*:%s*"([^"\\]*)"', (select(2, text:find('"model"', 1, true)) or #text) + 1)
 end
@@ -292,6 +297,7 @@ local function rewrite_stream(handle)
   local request = handle:streamInfo():dynamicMetadata():get(REQUEST)
   local asked = request ~= nil and request["include_usage"] == true
   local pending, model, usage, final, counted = "", nil, nil, false, 0
+  local written, written_model = nil, nil -- the kind of figures (source) and the model last written whole
   local first, failed = true, false
   -- Chat and completions chunks (`object`) get their forced usage hidden; typed event streams (the
   -- Responses API's `response.*`) carry usage only in their terminal event, which the client keeps.
@@ -343,10 +349,19 @@ local function rewrite_stream(handle)
       end
       if changed or pending ~= "" then chunk:setBytes(table.concat(out)) end
       if seen then
-        if usage then
-          set_usage(handle, usage_entry(usage, model, final and "final" or "partial"))
+        -- Whole once for each kind of figure, then the growing count alone beside it (meter/parse.py):
+        -- one number costs Envoy a fifth of an object, and a stream writes one every chunk.
+        local source = usage and (final and "final" or "partial") or "counted"
+        if source ~= written or model ~= written_model then
+          if usage then
+            set_usage(handle, usage_entry(usage, model, source))
+          else
+            set_usage(handle, {completion_tokens = counted, model = model, source = source})
+          end
+          written, written_model = source, model
         else
-          set_usage(handle, {completion_tokens = counted, model = model, source = "counted"})
+          handle:streamInfo():dynamicMetadata():set(USAGE, "completion_tokens",
+            usage and completion_of(usage) or counted)
         end
       end
     end

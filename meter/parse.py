@@ -121,8 +121,13 @@ def fields(entry: dict[str, Any]) -> dict[str, Any]:
     figures = {} if figures in _ABSENT else figures
     if not isinstance(namespace, dict) or not isinstance(figures, dict):
         raise _Malformed("usage is not a JSON object")
+    completion = figures.get("completion_tokens")
+    # A stream's growing count, written alone beside the object after its first chunk (gateway.lua): the
+    # object then holds the first chunk's figure. The upstream's final figures are written whole.
+    if "completion_tokens" in namespace and figures.get("source") != _FINAL:
+        completion = namespace["completion_tokens"]
     return {**entry, "response_model": figures.get("model"), "prompt_tokens": figures.get("prompt_tokens"),
-            "completion_tokens": figures.get("completion_tokens"), "usage_source": figures.get("source"),
+            "completion_tokens": completion, "usage_source": figures.get("source"),
             "units": namespace.get("units")}
 
 

@@ -579,6 +579,19 @@ def test_best_figures_for_every_way_a_request_ends(fields: dict[str, Any], expec
     assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == expected
 
 
+@pytest.mark.parametrize(("source", "expected"), [("partial", 41), ("counted", 41), ("final", 7)])
+def test_a_streams_growing_count_written_beside_its_figures_is_the_one_billed(source: str, expected: int) -> None:
+    """gateway.lua writes a stream's figures whole once, then only the count as it grows (cheaper for
+    Envoy): a cut stream is billed the count its last chunk reached; the upstream's final figures win."""
+    from meter.parse import UsageRecord, parse_line
+
+    line = entry(usage_source=source, flags="DR")
+    line["usage"]["completion_tokens"] = 41
+    record = parse_line(json.dumps(line).encode())
+    assert isinstance(record, UsageRecord)
+    assert record.completion_tokens == expected and record.usage_estimated == (source != "final")
+
+
 def test_releases_redis_could_not_take_are_retried_until_it_answers(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
