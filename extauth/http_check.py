@@ -115,6 +115,8 @@ class CheckConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        # Kept for every check on this connection: get_running_loop() costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._service.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -184,7 +186,7 @@ class CheckConnection(asyncio.Protocol):
         async def respond() -> None:
             self._finish(await answer)
 
-        self._task = asyncio.get_running_loop().create_task(respond())
+        self._task = self._loop.create_task(respond())
 
     def _finish(self, response: bytes, close: bool = False) -> None:
         self._task = None

@@ -70,8 +70,11 @@ _PREFIXES_KEPT = 4096
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, node: _Node) -> None:
+    def __init__(self, node: _Node, loop: asyncio.AbstractEventLoop) -> None:
         self._node = node
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (fork safety), and a
+        # check would make one per call.
+        self.loop = loop
         self._reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
 
@@ -129,7 +132,7 @@ class _Node:
             self._conn.transport.close()
 
     def _enqueue(self, conn: _Connection, command: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((future, time.monotonic() + self._timeout_s))
         self._out.append(command)
@@ -161,7 +164,7 @@ class _Node:
         try:
             _transport, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(self),
+                    lambda: _Connection(self, loop),
                     self.host,
                     self.port,
                     ssl=ssl.create_default_context() if target.tls else None,
