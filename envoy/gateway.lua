@@ -102,22 +102,19 @@ local function string_field(text, key)
   end
 end
 
-local function usage_entry(usage, model, source)
+-- A usage object's prompt and completion tokens.
+local function token_figures(usage)
   local prompt = usage:match('"prompt_tokens"%s*:%s*(%d+)')
-  local completion
   if prompt then
-    completion = usage:match('"completion_tokens"%s*:%s*(%d+)')
-  else -- the Responses API's names (and an image or speech answer's token usage)
-    prompt = usage:match('"input_tokens"%s*:%s*(%d+)')
-    completion = usage:match('"output_tokens"%s*:%s*(%d+)')
+    return tonumber(prompt), tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)'))
   end
-  return { prompt_tokens = tonumber(prompt), completion_tokens = tonumber(completion), model = model,
-           source = source }
+  -- the Responses API's names (and an image or speech answer's token usage)
+  return tonumber(usage:match('"input_tokens"%s*:%s*(%d+)')), tonumber(usage:match('"output_tokens"%s*:%s*(%d+)'))
 end
 
--- A usage object's completion figure, as usage_entry reads it.
-local function completion_of(usage)
-  return tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)') or usage:match('"output_tokens"%s*:%s*(%d+)'))
+local function usage_entry(usage, model, source)
+  local prompt, completion = token_figures(usage)
+  return { prompt_tokens = prompt, completion_tokens = completion, model = model, source = source }
 end
 
 local function first_model(text)
@@ -361,7 +358,7 @@ local function rewrite_stream(handle)
           written, written_model = source, model
         else
           handle:streamInfo():dynamicMetadata():set(USAGE, "completion_tokens",
-            usage and completion_of(usage) or counted)
+            usage and select(2, token_figures(usage)) or counted)
         end
       end
     end
