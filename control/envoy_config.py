@@ -101,13 +101,18 @@ def _ext_authz_filter(listener: dict[str, Any]) -> dict[str, Any]:
     raise SettingsError(f"the {LISTENER!r} listener has no {EXTAUTH_FILTER} filter")
 
 
-def _precheck_filter(listener: dict[str, Any]) -> dict[str, Any] | None:
-    """The pre-check's own ext_authz config, if the operator's file keeps the pre-check."""
+def _matched_filter(listener: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The own config of HTTP filter `name`, one wrapped in a matcher (envoy.yaml), if the file keeps it."""
     for http_filter in _http_filters(listener):
-        if http_filter.get("name") == PRECHECK_FILTER:
+        if http_filter.get("name") == name:
             found: dict[str, Any] = http_filter["typed_config"]["extension_config"]["typed_config"]
             return found
     return None
+
+
+def _precheck_filter(listener: dict[str, Any]) -> dict[str, Any] | None:
+    """The pre-check's own ext_authz config, if the operator's file keeps the pre-check."""
+    return _matched_filter(listener, PRECHECK_FILTER)
 
 
 def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
@@ -172,9 +177,9 @@ def require_secret(config: dict[str, Any]) -> dict[str, Any]:
 
 def _body_limits(listener: dict[str, Any]) -> list[tuple[str, int]]:
     """(where, bytes) of every request-body limit gateway.body_limit applies on the listener."""
-    limits = [(f"the {BODY_LIMIT_FILTER} filter", int(f["typed_config"]["extension_config"]["typed_config"]
-                                                       .get("max_request_bytes", 0)))
-              for f in _http_filters(listener) if f.get("name") == BODY_LIMIT_FILTER]
+    body_limit = _matched_filter(listener, BODY_LIMIT_FILTER)
+    limits = [] if body_limit is None else [
+        (f"the {BODY_LIMIT_FILTER} filter", int(body_limit.get("max_request_bytes", 0)))]
     for chain in listener["filter_chains"]:
         for network_filter in chain["filters"]:
             route_config = network_filter.get("typed_config", {}).get("route_config", {})
