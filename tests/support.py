@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -107,8 +108,6 @@ def decide_once(port: int, keys: Any, args: list[Any]) -> Any:
 def checks_paused(state_dir: Path, seconds: float) -> Iterator[None]:
     """The stack's ext_authz replicas stopped (SIGSTOP) for `seconds` from now, as a loaded host or a
     long pause of theirs would leave them, while the body of the `with` runs; resumed whatever happens."""
-    import threading
-
     from control.settings import read_runtime
 
     pids = [pid for name, pid in read_runtime(state_dir)["pids"].items() if name.startswith("extauth-")]
@@ -123,3 +122,15 @@ def checks_paused(state_dir: Path, seconds: float) -> Iterator[None]:
         resume.cancel()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+def render_on_placeholders(path: Path, transport: str = "http") -> Any:
+    """`path` rendered as `gatewayctl up` would, on placeholder addresses: for the checks render makes."""
+    from control import envoy_config
+    from control.env import HostPort
+
+    return envoy_config.render(path, listen=HostPort("127.0.0.1", 1), admin=HostPort("127.0.0.1", 2),
+                               stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
+                               extauth_admin=[HostPort("127.0.0.1", 5)], transport=transport,
+                               runpod_inference_url="http://x", managed_url="http://x",
+                               access_log=path.parent / "access.log")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from control.net import free_port, free_ports, wait_for_port
 from control.settings import read_runtime
 from control.stack import envoy_binary
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant
-from tests.support import ROOT, call, running, wait_until
+from tests.support import ROOT, call, render_on_placeholders, running, wait_until
 
 SECRET_HEADER = "x-gateway-secret"
 
@@ -204,22 +205,31 @@ def test_a_second_stack_on_the_same_ports_refuses_to_start_and_names_the_address
     assert reply.status == 200, reply.body
 
 
-@pytest.fixture
-def stranger_envoy(gateway: Gateway, tmp_path: Path) -> Iterator[str]:
-    """Another stack's Envoy (its own secret) whose `extauth` cluster points at the first stack's
-    replica, as a crossed port would leave it: the shipped file, rendered as `gatewayctl up` does."""
-    listen, admin, stats = free_port(), free_port(), free_port()
-    replica = HostPort.parse(gateway.env["EXTAUTH_LISTEN"], "EXTAUTH_LISTEN")
-    metrics = HostPort.parse(gateway.env["EXTAUTH_METRICS_LISTEN"], "EXTAUTH_METRICS_LISTEN")
+def another_stacks_envoy(
+    gateway: Gateway, tmp_path: Path, listen: HostPort, admin: HostPort, extauth: HostPort, extauth_admin: HostPort
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """Another stack's Envoy (its own secret) on these addresses, started: the shipped file, rendered as
+    `gatewayctl up` does. Its log is tmp_path/envoy.log."""
     config = envoy_config.render(
-        ROOT / "envoy" / "envoy.yaml", listen=HostPort("127.0.0.1", listen), admin=HostPort("127.0.0.1", admin),
-        stats=HostPort("127.0.0.1", stats), extauth=[replica], extauth_admin=[metrics], transport="http",
+        ROOT / "envoy" / "envoy.yaml", listen=listen, admin=admin, stats=HostPort("127.0.0.1", free_port()),
+        extauth=[extauth], extauth_admin=[extauth_admin], transport="http",
         runpod_inference_url=gateway.env["RUNPOD_INFERENCE_URL"], managed_url=gateway.env["GATEWAY_MANAGED_URL"],
         access_log=tmp_path / "access.log")
     path = envoy_config.write(config, tmp_path / "envoy.yaml")
     env = {"PATH": os.environ["PATH"], "GATEWAY_EXTAUTH_SECRET": "another-stacks-secret-" + "s" * 32}
-    with running([envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"], env,
-                 tmp_path / "envoy.log"):
+    return running([envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"], env,
+                   tmp_path / "envoy.log")
+
+
+@pytest.fixture
+def stranger_envoy(gateway: Gateway, tmp_path: Path) -> Iterator[str]:
+    """Another stack's Envoy whose `extauth` cluster points at the first stack's replica, as a crossed
+    port would leave it."""
+    listen, admin = free_port(), free_port()
+    replica = HostPort.parse(gateway.env["EXTAUTH_LISTEN"], "EXTAUTH_LISTEN")
+    metrics = HostPort.parse(gateway.env["EXTAUTH_METRICS_LISTEN"], "EXTAUTH_METRICS_LISTEN")
+    with another_stacks_envoy(gateway, tmp_path, HostPort("127.0.0.1", listen), HostPort("127.0.0.1", admin),
+                              replica, metrics):
         assert wait_for_port("127.0.0.1", listen, 20)
         yield f"http://127.0.0.1:{listen}"
         clusters = call("GET", f"http://127.0.0.1:{admin}/clusters").body.decode()
@@ -232,16 +242,8 @@ def test_a_second_envoy_on_the_gateways_port_fails_instead_of_taking_half_its_cl
     """Envoy's default (SO_REUSEPORT) let a second Envoy of the same user bind the same port, and the
     kernel then split new connections between the two: measured 6 of 8 to the newcomer."""
     listen = HostPort.parse(gateway.env["GATEWAY_LISTEN"], "GATEWAY_LISTEN")
-    config = envoy_config.render(
-        ROOT / "envoy" / "envoy.yaml", listen=listen, admin=HostPort("127.0.0.1", free_port()),
-        stats=HostPort("127.0.0.1", free_port()), extauth=[HostPort("127.0.0.1", free_port())],
-        extauth_admin=[HostPort("127.0.0.1", free_port())], transport="http",
-        runpod_inference_url=gateway.env["RUNPOD_INFERENCE_URL"], managed_url=gateway.env["GATEWAY_MANAGED_URL"],
-        access_log=tmp_path / "access.log")
-    path = envoy_config.write(config, tmp_path / "envoy.yaml")
-    env = {"PATH": os.environ["PATH"], "GATEWAY_EXTAUTH_SECRET": "another-stacks-secret-" + "s" * 32}
-    with running([envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warning"], env,
-                 tmp_path / "envoy.log") as proc:
+    elsewhere = [HostPort("127.0.0.1", free_port()) for _ in range(3)]
+    with another_stacks_envoy(gateway, tmp_path, listen, *elsewhere) as proc:
         wait_until(lambda: proc.poll() is not None, 20, "the second Envoy to give up")
         for _ in range(8):
             reply = call("POST", f"{gateway.base_url}/chat/completions",
@@ -355,10 +357,7 @@ def test_an_edited_config_that_would_not_send_the_secret_is_refused_by_name(tmp_
     assert edited != text
     path.write_text(edited)
     with pytest.raises(SettingsError, match=f"{key}.*must send x-gateway-secret"):
-        envoy_config.render(path, listen=HostPort("127.0.0.1", 1), admin=HostPort("127.0.0.1", 2),
-                            stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
-                            extauth_admin=[HostPort("127.0.0.1", 5)], transport=transport,
-                            runpod_inference_url="http://x", managed_url="http://x", access_log=tmp_path / "a.log")
+        render_on_placeholders(path, transport)
 
 
 def test_the_meter_that_cannot_listen_exits_with_the_status_the_launcher_treats_as_fatal(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call, checks_paused, envoy_copy
+from tests.support import call, checks_paused, envoy_copy, render_on_placeholders
 
 # The shipped limits (envoy/envoy.yaml; README, "Operators: limits at the edge").
 HEADERS_TIMEOUT_S = 10
@@ -339,14 +339,9 @@ def test_a_large_body_sent_while_the_checks_are_slow_is_not_stalled_and_one_past
     # only the idle timeout ends it (408). Bounded in time and memory, and never forwarded.
     sock = socket.create_connection(address(gateway))
     sockets.append(sock)
-    piece = b"x" * 65536
     with checks_paused(gateway.state_dir, 0.3):
         sock.sendall(chunked("/v1/chat/completions", tenant.api_key))
-        try:
-            for _ in range(CHAT_LIMIT // len(piece) + 16):
-                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-        except OSError:
-            pass
+        send_chunks_past(sock, CHAT_LIMIT)
     answer, took = read_answer(sock, IDLE_TIMEOUT_S + 5)
     assert took < IDLE_TIMEOUT_S + 3
     assert status_and_error(answer)[0] in (0, 408, 413), answer[:200]  # 0: reset while still sending
@@ -433,6 +428,16 @@ def chunked(path: str, key: str) -> bytes:
             f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
 
 
+def send_chunks_past(sock: socket.socket, limit: int) -> None:
+    """64 KiB chunks until a megabyte past `limit`, or until the gateway closes the connection."""
+    piece = b"x" * 65536
+    try:
+        for _ in range(limit // len(piece) + 16):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+    except OSError:
+        pass
+
+
 def test_bodies_of_unknown_length_are_checked_and_limited_alike(
     gateway: Gateway, tenant: Tenant, sockets: list[socket.socket]
 ) -> None:
@@ -444,13 +449,8 @@ def test_bodies_of_unknown_length_are_checked_and_limited_alike(
     sock = socket.create_connection(address(gateway))
     sockets.append(sock)
     sock.sendall(chunked("/v1/embeddings", tenant.api_key))
-    time.sleep(0.3)  # the limit applies from the key check on (before, the listener's 16 MiB bounds it)
-    piece = b"x" * 65536
-    try:
-        for _ in range(EMBEDDINGS_LIMIT // len(piece) + 16):
-            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-    except OSError:
-        pass
+    time.sleep(0.3)  # the limit applies from the key check on (before, the listener's 32 MiB bounds it)
+    send_chunks_past(sock, EMBEDDINGS_LIMIT)
     status, error = status_and_error(read_answer(sock, 5)[0])
     assert (status, error["code"]) == (413, "request_too_large")
 
@@ -488,8 +488,7 @@ def test_an_edited_config_whose_route_holds_more_than_the_listener_is_refused_by
     """Such a route hangs a body over the listener's limit that arrives during the key's pre-check (see
     test_a_large_body_sent_while_the_checks_are_slow_...): said when the stack renders the config, not
     as 408s later."""
-    from control import envoy_config
-    from control.env import HostPort, SettingsError
+    from control.env import SettingsError
 
     path = envoy_copy(tmp_path)
     text = path.read_text()
@@ -498,7 +497,4 @@ def test_an_edited_config_whose_route_holds_more_than_the_listener_is_refused_by
     path.write_text(edited)
     with pytest.raises(SettingsError, match=r"per_connection_buffer_limit_bytes \(33554432\).*route 'voice' "
                                             r"\(40000000\) is larger"):
-        envoy_config.render(path, listen=HostPort("127.0.0.1", 1), admin=HostPort("127.0.0.1", 2),
-                            stats=HostPort("127.0.0.1", 3), extauth=[HostPort("127.0.0.1", 4)],
-                            extauth_admin=[HostPort("127.0.0.1", 5)], transport="http",
-                            runpod_inference_url="http://x", managed_url="http://x", access_log=tmp_path / "a.log")
+        render_on_placeholders(path)
