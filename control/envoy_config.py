@@ -117,7 +117,8 @@ def _precheck_filter(listener: dict[str, Any]) -> dict[str, Any] | None:
 
 def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
     """The ext_authz transport Envoy uses. `http` is the file as it is; `grpc` swaps in the blocks the
-    `extauth` cluster keeps in its metadata: the filter's `grpc_service` for `http_service`, the cluster's
+    `extauth` cluster keeps in its metadata: the filter's `grpc_service` for `http_service` (with its
+    `filter_fields` set beside it), the cluster's
     `grpc_health_check` for `http_health_check`, and HTTP/2 towards the replicas."""
     if transport not in TRANSPORTS:
         raise SettingsError(f"EXTAUTH_TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -133,6 +134,7 @@ def select_transport(config: dict[str, Any], transport: str) -> dict[str, Any]:
     authz = _ext_authz_filter(listener)
     authz.pop("http_service", None)
     authz["grpc_service"] = blocks["grpc_service"]
+    authz.update(blocks.get("filter_fields", {}))
     precheck = _precheck_filter(listener)
     if precheck is not None:
         # The same service, marked as the pre-check (over HTTP it has its own path prefix instead).

@@ -1,50 +1,28 @@
--- Hands what ext_authz needs to know of the request body, which never travels to ext_authz, as one
--- header, x-gateway-body: `name=value` pairs joined by `&` (extauth/body_facts.py reads them):
--- `model` (lifted by json_to_metadata just before), percent-escaped; the body's size `bytes` (Envoy
--- sends ext_authz a check with content-length 0); and, when the body states them, its completion budget
--- `max_tokens` (`max_completion_tokens`, else `max_tokens`, else the Responses API's
--- `max_output_tokens`) and its choice count `n`: together they size a managed request's spend
--- reservation. One header for all of them: each header added here costs Envoy ~9,500 instructions a
--- request (copied into the check, listed for removal, dropped).
+-- For the voice routes only (/v1/audio/transcriptions, /v1/audio/translations; envoy.yaml enables this
+-- filter on their route and nowhere else): they send multipart/form-data, which json_to_metadata does
+-- not read. The buffered body's `model` form field and the duration of its WAV `file`s (the RIFF
+-- header: data bytes / byte rate) go to ext_authz as one header, x-gateway-form: `name=value` pairs
+-- joined by `&` (extauth/body_facts.py reads them): `model`, percent-escaped (control characters,
+-- spaces, "%", "&", DEL and non-ASCII bytes: a model name is client input and may hold bytes no header
+-- may carry, spaces a header would trim or the pairs' separator), the body's size `bytes`, and
+-- `audio_seconds` (it sizes the spend reservation). The seconds also go into `gateway.usage:units` (the
+-- metered audio seconds unless the upstream's answer reports its own, envoy/gateway.lua).
 --
--- A client's own x-gateway-* headers never get this far (envoy.yaml removes them before routing), so
--- the header can only carry the body's values. The model is percent-escaped (control characters,
--- spaces, "%", "&", DEL and non-ASCII bytes): a model name is client input and may hold bytes no
--- header may carry, spaces a header would trim or the pairs' separator; ext_authz unescapes it. A
--- count is passed only when it is a whole number a request could mean; anything else is left to the
--- upstream to refuse.
---
--- Without a string `model`, what is wrong with the body is the one fact, `error` (extauth/errors.py
--- words it): `not_json` (not a JSON content type), `invalid_json` (unparseable or not UTF-8),
--- `not_object` (valid JSON, but not an object), `model_type` (`model` is not a string). Only this
--- failure path looks at the body; the common path reads the lifted metadata fields.
---
--- The voice routes (/v1/audio/transcriptions, /v1/audio/translations) send multipart/form-data, which
--- json_to_metadata does not read: for them only, the buffered body's `model` form field is handed over
--- the same way, and the duration of WAV `file`s (the RIFF header: data bytes / byte rate) as
--- `audio_seconds` (it sizes the spend reservation) and into `gateway.usage:units` (the metered audio
--- seconds unless the upstream's answer reports its own, envoy/gateway.lua).
+-- Every other body's facts reach ext_authz without Lua: json_to_metadata's namespace, in the check's
+-- x-gateway-body header (envoy.yaml). A client's own x-gateway-* headers never get this far (envoy.yaml
+-- removes them before routing), so the header can only carry the body's values.
 
-local BODY = "envoy.filters.http.json_to_metadata"
-local HEADER = "x-gateway-body"
+local HEADER = "x-gateway-form"
 local USAGE = "gateway.usage"
-local VOICE_PATHS = { ["/v1/audio/transcriptions"] = true, ["/v1/audio/translations"] = true }
 
 local function escape(value)
   return (value:gsub("[%c%%& \127-\255]", function(c) return string.format("%%%02X", c:byte()) end))
 end
 
--- The facts of every body with a model: the model and, when stated, the body's size.
+-- The model and, when stated, the body's size.
 local function model_facts(model, headers)
   local length = headers:get("content-length")
   return "model=" .. escape(model) .. (length and "&bytes=" .. length or "")
-end
-
-local function count(value)
-  if type(value) == "number" and value >= 0 and value < 2147483648 and value == math.floor(value) then
-    return string.format("%d", value)
-  end
-  return nil
 end
 
 local function u32(text, at)
@@ -100,14 +78,14 @@ local function multipart(handle, content_type)
   return model, seconds
 end
 
--- Whether this is a voice route (then its form fields are handed over, when there are any).
-local function voice(handle, headers)
-  local path = (headers:get(":path") or ""):match("^[^?]*")
-  if not VOICE_PATHS[path] then return false end
-  local model, seconds = multipart(handle, headers:get("content-type"))
-  if not model then return true end
-  headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
-  local facts = model_facts(model, headers)
+function envoy_on_request(handle)
+  local content_type = handle:headers():get("content-type")
+  -- Not a form (a JSON body, say): json_to_metadata's facts are the ones.
+  if not (content_type or ""):find("^multipart/form%-data") then return end
+  local model, seconds = multipart(handle, content_type)
+  local headers = handle:headers() -- body() waited for the whole body: the old wrapper is gone
+  -- A form without a `model` still says it is a form: ext_authz then asks for one.
+  local facts = model and model_facts(model, headers) or "form=1"
   if seconds then facts = facts .. string.format("&audio_seconds=%.3f", seconds) end
   headers:add(HEADER, facts)
   if seconds then
@@ -119,50 +97,4 @@ local function voice(handle, headers)
     handle:streamInfo():dynamicMetadata():set(USAGE, "units",
       { unit = "audio_second", quantity = 0, detail = "unmeasured" })
   end
-  return true
-end
-
--- json_to_metadata reports a missing `model` both for `{}` and for `[...]` or `{"model": [..]}`.
-local function shape_of(handle)
-  local body = handle:body()
-  if body == nil then return nil end
-  local head = body:getBytes(0, math.min(body:length(), 65536))
-  local first = head:match("^%s*(.)")
-  if first == nil then return nil end
-  if first ~= "{" then return "not_object" end
-  -- Only a top-level key matters; a "model" nested deeper (inside messages) may mislead this scan,
-  -- which then reports a wrong type instead of a missing model: either way the request is refused.
-  if head:find('"model"%s*:%s*[%[{n]') then return "model_type" end
-  return nil
-end
-
-function envoy_on_request(handle)
-  local body = handle:streamInfo():dynamicMetadata():get(BODY)
-  local model = body and body["model"]
-  local headers = handle:headers()
-  if type(model) == "string" then
-    local facts = model_facts(model, headers)
-    local budget = count(body["max_completion_tokens"]) or count(body["max_tokens"])
-      or count(body["max_output_tokens"]) -- the Responses API's
-    if budget then facts = facts .. "&max_tokens=" .. budget end
-    local choices = count(body["n"])
-    if choices then facts = facts .. "&n=" .. choices end
-    headers:add(HEADER, facts)
-    return
-  end
-  -- Not JSON: a voice route's multipart form, or a body to refuse.
-  if (body == nil or body["unparsed"]) and voice(handle, headers) then return end
-  local fact
-  if model ~= nil then
-    fact = "model_type"
-  elseif body == nil then
-    return
-  elseif body["unparsed"] then
-    local content_type = headers:get("content-type") or ""
-    fact = content_type:find("^application/json") and "invalid_json" or "not_json"
-  elseif body["no_model"] then
-    fact = shape_of(handle)
-  end
-  -- Fetched afresh: shape_of may have waited for the body, and wrapper objects do not survive that.
-  if fact then handle:headers():add(HEADER, "error=" .. fact) end
 end

@@ -1,8 +1,11 @@
 """Each ext_authz replica's admin HTTP port (EXTAUTH_METRICS_LISTEN): `/metrics` for Prometheus,
-`/ready` for orchestration, and `POST /internal/credential-rejected`, which envoy/gateway.lua calls when
-RunPod refuses a workspace's key (the key is marked only once RunPod's account API confirms it is dead).
-The port is for the internal network only; Envoy never routes client traffic to it. The internal route
-answers only Envoy (extauth/custody.py); /metrics and /ready carry nothing secret and stay open."""
+`/ready` for orchestration, `POST /internal/credential-rejected`, which envoy/gateway.lua calls when
+RunPod refuses a workspace's key (the key is marked only once RunPod's account API confirms it is dead),
+and `POST /internal/body-check`, where Envoy forwards, once its check has passed, a JSON body without a
+`model` the check could name, to be answered with what is wrong with it (envoy.yaml, route
+`body_check`). The port is for the internal network only; Envoy routes nothing else of a client's to
+it. The internal routes answer only Envoy (extauth/custody.py); /metrics and /ready carry nothing
+secret and stay open."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control import credentials
 from control.context import open_context
 from control.settings import ControlSettings
+from extauth import body_facts, errors
 from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
+from extauth.decision import BODY_CHECK_PATH
 
 log = logging.getLogger("extauth")
 _WORKSPACE_RE = re.compile(r"ws_[a-z0-9]{1,64}")
@@ -49,10 +54,19 @@ def build_app(is_ready: Callable[[], bool], secret: EnvoySecret) -> web.Applicat
             log.warning("RunPod refused a request of workspace %s, but its key still works", workspace_id)
         return web.Response(status=204)
 
+    async def body_check(request: web.Request) -> web.Response:
+        if not secret.admits(request.headers.get(SECRET_HEADER)):
+            return web.Response(status=REFUSED.status, text=REFUSED.body(), content_type="application/json")
+        head = await request.content.read(body_facts.SHAPE_MAX_BYTES + 1)
+        complete = len(head) <= body_facts.SHAPE_MAX_BYTES
+        denial = errors.bad_body(body_facts.shape_of(head, complete))
+        return web.Response(status=denial.status, text=denial.body(), content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ready", ready)
     app.router.add_post("/internal/credential-rejected", credential_rejected)
+    app.router.add_post(BODY_CHECK_PATH, body_check)
     return app
 
 

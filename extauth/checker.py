@@ -19,7 +19,7 @@ from control import apikeys
 from control.plans import BYOC_MODALITIES, PLANS, in_force
 from extauth import body_facts, errors, hotstate, ratelimit, routes, upstream
 from extauth.body_facts import BodyFacts
-from extauth.decision import ALLOW, DENY, LOCAL, LOCAL_MODELS_PATH, Decision
+from extauth.decision import ALLOW, BODY_CHECK, DENY, LOCAL, LOCAL_MODELS_PATH, Decision
 from extauth.errors import Denial
 from extauth.metrics import ExtauthMetrics
 from extauth.redis_client import RedisUnavailable
@@ -38,6 +38,13 @@ class HotState(Protocol):
 def _deny(denial: Denial, headers: list[tuple[str, str]], meta: dict[str, str]) -> Decision:
     meta["error_code"] = denial.code
     return Decision(DENY, denial.status, denial.body(), [*headers, *denial.headers], meta=meta)
+
+
+def _body_check(denial: Decision) -> Decision:
+    """A refusal for a body whose fault only the body shows: Envoy forwards it, without the client's
+    key, to ext_authz's admin port, which answers (extauth/admin.py). Nothing was reserved for it."""
+    return Decision(BODY_CHECK, 200, "", denial.client_headers, upstream.body_check_headers(), ["authorization"],
+                    denial.meta)
 
 
 def byoc_denial(workspace: WorkspaceEntry, dep: DeploymentEntry, now_us: int) -> Denial | None:
@@ -93,21 +100,28 @@ class Checker:
         self._clock = hotstate.RedisClock(redis_timeout_s, check_budget_s)
         self._months = hotstate.MonthClock()
 
-    async def check(self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False) -> Decision:
+    async def check(
+        self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False,
+        facts: BodyFacts | None = None,
+    ) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
-        the body's facts as envoy/authz_request.lua hands them over (extauth/body_facts.py). `key_only`:
-        Envoy's pre-check of a large body (envoy.yaml, gateway.key_precheck): route and key, nothing
-        counted or injected."""
+        the body's facts as Envoy hands them over (extauth/body_facts.py), unless a transport read them
+        (`facts`). `key_only`: Envoy's pre-check of a large body (envoy.yaml, gateway.key_precheck):
+        route and key, nothing counted or injected."""
         started = time.perf_counter()
         started_us = self._clock.now_us()
-        facts = body_facts.read(headers.get(body_facts.HEADER))
+        if facts is None:
+            facts = body_facts.from_headers(headers)
         try:
             decision = await self._check(method, path, headers, facts, started_us, key_only)
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
         if facts.model is None and decision.error_code == "missing_model":  # say what is wrong with the body
-            decision = _deny(errors.bad_body(facts.problem), decision.client_headers, decision.meta)
+            if facts.problem == body_facts.UNKNOWN:
+                decision = _body_check(decision)
+            else:
+                decision = _deny(errors.bad_body(facts.problem), decision.client_headers, decision.meta)
         kind = "precheck" if key_only else decision.kind
         self._metrics.decided(kind, decision.error_code or "ok", time.perf_counter() - started)
         return decision

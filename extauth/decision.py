@@ -21,6 +21,11 @@ import orjson
 ALLOW = "allow"  # forward to the customer's endpoint
 DENY = "deny"  # answer the client with `status` and the OpenAI error `body`
 LOCAL = "local"  # answered by the gateway itself (`/v1/models`): `body` with status 200
+# Forwarded to ext_authz's admin port, which reads the body and answers what is wrong with it (a JSON
+# body without a `model` the check could name; extauth/body_facts.py, envoy.yaml route `body_check`).
+BODY_CHECK = "body_check"
+# The kinds Envoy forwards (both transports render them as an allowed check).
+FORWARDED = frozenset({ALLOW, BODY_CHECK})
 
 META_KEY = "x-gw-log"
 # Read by the route table (envoy/envoy.yaml) to pick the cluster; only ext_authz may set it.
@@ -34,6 +39,8 @@ PRECHECK_METADATA = "x-gateway-precheck"
 # The destination of requests answered by the gateway itself, and the path prefix it serves them on.
 LOCAL_DESTINATION = "local"
 LOCAL_MODELS_PATH = "/_gateway/models/"
+# The admin port's path for a body the check could not judge (its destination is BODY_CHECK).
+BODY_CHECK_PATH = "/internal/body-check"
 # One encoder for every check: json.dumps with options builds a new one per call.
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 

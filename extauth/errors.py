@@ -55,8 +55,8 @@ def missing_model() -> Denial:
     return Denial(400, "missing_model", "You must provide a model parameter in a JSON request body.")
 
 
-# What envoy/authz_request.lua found wrong with a body that has no string `model` (the `error` fact of
-# x-gateway-body, extauth/body_facts.py).
+# What is wrong with a body that has no string `model` (the `problem` of extauth/body_facts.py, from
+# json_to_metadata's facts or, for `not_object` and some `model_type`s, from the body itself).
 _BODY_FACTS = {
     "not_json": ("invalid_json", None, "The request body must be JSON, sent with `Content-Type: application/json`."),
     "invalid_json": (

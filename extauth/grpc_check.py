@@ -15,16 +15,18 @@ from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extauth import body_facts
 from extauth.checker import Checker
 from extauth.custody import REFUSED, SECRET_HEADER, EnvoySecret
-from extauth.decision import ALLOW, META_KEY, PRECHECK_METADATA, Decision
+from extauth.decision import FORWARDED, META_KEY, PRECHECK_METADATA, Decision
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
+_BODY_NAMESPACE = "envoy.filters.http.json_to_metadata"
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 
 
@@ -35,7 +37,7 @@ def _headers(pairs: list[tuple[str, str]]) -> list[core.HeaderValueOption]:
 def render(decision: Decision) -> authz.CheckResponse:
     meta = struct_pb2.Struct()
     meta.update({META_KEY: decision.meta_json()})
-    if decision.kind == ALLOW:
+    if decision.kind in FORWARDED:
         return authz.CheckResponse(
             status=_OK,
             ok_response=authz.OkHttpResponse(
@@ -77,7 +79,11 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         http = request.attributes.request.http
         # Envoy's pre-check of a large body says so in the call's metadata (README, "The gRPC transport").
         key_only = any(name == PRECHECK_METADATA for name, _ in context.invocation_metadata() or ())
-        return render(await self._checker.check(http.method, http.path, http.headers, key_only))
+        # The body's facts: json_to_metadata's namespace (the filter's metadata_context_namespaces).
+        metadata = request.attributes.metadata_context.filter_metadata
+        namespace = json_format.MessageToDict(metadata[_BODY_NAMESPACE]) if _BODY_NAMESPACE in metadata else {}
+        facts = body_facts.from_headers(http.headers, namespace)
+        return render(await self._checker.check(http.method, http.path, http.headers, key_only, facts))
 
 
 class GuardedHealth(health.aio.HealthServicer):  # type: ignore[misc]

@@ -5,8 +5,8 @@ EXTAUTH_LISTEN, written on asyncio's protocol layer because per-request overhead
 It serves exactly three things, to Envoy only (extauth/custody.py: every request must carry the secret
 Envoy adds; anything else gets 403 and nothing more):
 - `<method> /check/<client path>`: the check. Envoy sends the client's headers (values of
-  `authorization` and the body's facts, `x-gateway-body`, are read; the other names become the
-  removal list) and no body.
+  `authorization` and the body's facts, `x-gateway-body` (or a voice form's `x-gateway-form`), are
+  read; the other names become the removal list) and no body.
   Status 200 allows, any other status is the client's answer with this body (Envoy's HTTP ext_authz
   contract); headers map as extauth/decision.py describes.
 - `<method> /precheck/<client path>`: the pre-check of a large body (envoy/envoy.yaml,

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Iterable, Mapping
 
 from extauth import body_facts
-from extauth.decision import DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
+from extauth.decision import BODY_CHECK, BODY_CHECK_PATH, DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
 
 # Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
 # absent: compressed responses would hide usage from the access log.
@@ -20,22 +20,24 @@ FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent",
 # Envoy's own: it sets x-forwarded-proto itself (use_remote_address) and route matching reads it; host
 # is the request's authority (rewritten per cluster). The injected headers are overwritten, never
 # removed: a removal would apply after the overwrite.
-_KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER}
+# The body's facts travel on the check alone (envoy.yaml), so there is nothing of that name to remove.
+_KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER, body_facts.HEADER}
 
 
 # Envoy holds a request's headers to its own limits (envoy.yaml: 100 headers, 60 KiB) also while
 # ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
 # with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
 # answer add: the check request counts Envoy's additions already, the answer adds two headers and
-# at most a few hundred bytes (credential, path). Room is kept for the header of the body's facts
-# (extauth/body_facts.py) whether this request has it or not, so the limit a client meets does not
-# depend on its body: 88 headers of its own, with the 7 a plain HTTP client adds.
+# at most a few hundred bytes (credential, path). Room is kept for a header of the body's facts
+# (extauth/body_facts.py: a voice form's is on the request) whether this request has it or not, so the
+# limit a client meets does not depend on its body: 88 headers of its own, with the 7 a plain HTTP
+# client adds.
 MAX_CHECKED_HEADERS = 94
 MAX_CHECKED_HEADER_BYTES = 59 * 1024
 
 
 def fits_upstream(headers: Mapping[str, str]) -> bool:
-    own = len(headers) - 1 if body_facts.HEADER in headers else len(headers)
+    own = len(headers) - (body_facts.HEADER in headers) - (body_facts.FORM_HEADER in headers)
     if own + 1 > MAX_CHECKED_HEADERS:
         return False
     return sum(map(len, headers)) + sum(map(len, headers.values())) <= MAX_CHECKED_HEADER_BYTES
@@ -64,3 +66,8 @@ def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple
 def local_headers(path: str) -> list[tuple[str, str]]:
     """A request the gateway answers itself goes to ext_authz's own model listing, without the client's key."""
     return [(PATH_HEADER, path), (DESTINATION_HEADER, LOCAL_DESTINATION)]
+
+
+def body_check_headers() -> list[tuple[str, str]]:
+    """A body the check could not judge goes to ext_authz's admin port, which answers what is wrong with it."""
+    return [(PATH_HEADER, BODY_CHECK_PATH), (DESTINATION_HEADER, BODY_CHECK)]

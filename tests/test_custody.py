@@ -55,7 +55,8 @@ def victim(gateway: Gateway, simulator: Simulator) -> Tenant:
 
 
 def check_headers(tenant: Tenant, **extra: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {tenant.api_key}", "x-gateway-body": f"model={tenant.chat_model}", **extra}
+    return {"authorization": f"Bearer {tenant.api_key}", "x-gateway-body": f'9 {{"model":"{tenant.chat_model}"}}',
+            **extra}
 
 
 def test_the_check_port_refuses_a_caller_with_a_valid_key_but_without_envoys_secret(

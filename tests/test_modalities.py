@@ -298,7 +298,8 @@ def test_spend_limit_stops_image_and_audio_traffic(gateway: Gateway, simulator: 
     wait_until(lambda: stopped(lambda: sdk.images.generate(model="capped-image", prompt="x")), 30, "images stop")
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5))))
     # A client's own body facts never reach ext_authz (Envoy removes the header before routing).
-    forged = {"x-gateway-body": "model=capped-voice&audio_seconds=0&bytes=0"}
+    forged = {"x-gateway-form": "model=capped-voice&audio_seconds=0&bytes=0",
+              "x-gateway-body": '0 {"model":"capped-voice"}'}
     assert stopped(lambda: sdk.audio.transcriptions.create(model="capped-voice", file=("a.wav", wav(2.5)),
                                                            extra_headers=forged))
     # Not a WAV file: sized from its bytes (40 kB at 1,000 bytes a second: $0.40).

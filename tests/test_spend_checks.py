@@ -5,6 +5,7 @@ real Redis (reserve, refuse, expire, settle, deadline)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -78,11 +79,12 @@ def checker(hot: FakeHot, store: FakeStore | None = None, failure_mode: str = "c
     return Checker(cast(Any, store), hot, failure_mode, metrics, "platform-key", ReservationPolicy(4096, 32768, 60))
 
 
-def check(c: Checker, model: str, **facts: str) -> Any:
-    """One check of a body with this `model` and these other facts (`bytes`, `max_tokens`, ...), as
-    envoy/authz_request.lua states them."""
-    stated = "&".join(f"{name}={value}" for name, value in {"model": model, **facts}.items())
-    all_headers = {"authorization": f"Bearer {TOKEN}", body_facts.HEADER: stated, "x-request-id": "req-1"}
+def check(c: Checker, model: str, bytes: str = "", **facts: str) -> Any:
+    """One check of a JSON body with this `model`, size and these other facts (`max_tokens`, `n`), as
+    Envoy states them (extauth/body_facts.py)."""
+    namespace = json.dumps({"model": model, **{name: int(value) for name, value in facts.items()}})
+    all_headers = {"authorization": f"Bearer {TOKEN}", body_facts.HEADER: f"{bytes} {namespace}",
+                   "content-type": "application/json", "x-request-id": "req-1"}
     return asyncio.run(c.check("POST", "/v1/chat/completions", all_headers))
 
 

@@ -23,10 +23,11 @@ def chat_body(model: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     "model",
-    ["a\nb\r\nx-injected: 1", "del\x7fchar", "nul\x00char", "模型-über", "100%-sure", "quote\"and\\slash", " ",
-     # The body's facts travel as `name=value&...` (extauth/body_facts.py): a name holding the
-     # separators or an escape is taken whole, never as another model or another fact.
-     "x&model={chat}", "{chat}&bytes=0&max_tokens=1", "=x&model={chat}", "%26model={chat}", "{chat}%"],
+    ["a\nb\r\nx-injected: 1", "nul\x00char", "模型-über", "100%-sure", "quote\"and\\slash", " ",
+     # The body's facts travel as JSON (extauth/body_facts.py), a voice form's as `name=value&...`: a
+     # name holding their separators, quotes or an escape is taken whole, never as another model or fact.
+     "x&model={chat}", "{chat}&bytes=0&max_tokens=1", "=x&model={chat}", "%26model={chat}", "{chat}%",
+     '{chat}","model":"{chat}', '{chat}\\","n":9', "{chat} {{}}"],
 )
 def test_any_model_string_gets_model_not_found_with_the_name_echoed(
     gateway: Gateway, tenant: Tenant, model: str
@@ -38,6 +39,18 @@ def test_any_model_string_gets_model_not_found_with_the_name_echoed(
     assert error["code"] == "model_not_found"
     assert f"`{model}`" in error["message"]
     assert "x-injected" not in {k.lower() for k in reply.headers}
+
+
+def test_a_model_with_a_del_character_is_refused_as_invalid_not_as_an_outage(gateway: Gateway, tenant: Tenant) -> None:
+    """DEL is the one character JSON leaves unescaped that Envoy never sends in a header (the check's
+    facts travel in one): the check cannot be asked, and the client is told why, in OpenAI's shape."""
+    for key in (tenant.api_key, "sk-not-a-key"):
+        reply = call("POST", f"{gateway.base_url}/chat/completions", chat_body("del\x7fchar"), key=key)
+        assert reply.status == 400, reply.body
+        error = reply.json()["error"]
+        assert (error["code"], error["type"], error["param"]) == ("invalid_value", "invalid_request_error", None)
+        assert "DEL" in error["message"]
+        assert "retry-after" not in {k.lower() for k in reply.headers}
 
 
 def test_a_model_that_is_not_a_string_is_refused_as_such(gateway: Gateway, tenant: Tenant) -> None:
@@ -52,7 +65,8 @@ def test_forged_transport_headers_change_nothing(gateway: Gateway, simulator: Si
     """A client sending the headers ext_authz and gateway.lua use among themselves gets nothing from it."""
     other = make_tenant(gateway, simulator)
     forged = {
-        "x-gateway-body": f"model={other.chat_model}&bytes=1",
+        "x-gateway-body": f'1 {{"model":"{other.chat_model}"}}',
+        "x-gateway-form": f"model={other.chat_model}&bytes=1",
         "x-gateway-path": f"/v2/{other.deployments[other.chat_model]}/openai/v1/chat/completions",
         "x-gateway-destination": "managed",
         "x-gw-log": json.dumps({"decision": "allow", "workspace_id": other.workspace_id}),
@@ -83,6 +97,16 @@ def test_the_models_route_is_not_reachable_by_a_client(gateway: Gateway, simulat
         reply = call("GET", f"{gateway.url}{path}", key=tenant.api_key, headers={"x-gateway-destination": "local"})
         assert reply.status == 404, reply.body
         assert tenant.chat_model not in reply.body.decode()
+
+
+def test_the_body_check_route_is_only_what_ext_authz_sends_there(gateway: Gateway, tenant: Tenant) -> None:
+    """The admin port's body check is reached only through ext_authz's answer, and only Envoy may ask it."""
+    reply = call("POST", f"{gateway.url}/internal/body-check", [1], key=tenant.api_key,
+                 headers={"x-gateway-destination": "body_check"})
+    assert reply.status == 404 and reply.json()["error"]["code"] == "unknown_url", reply.body
+    admin = gateway.env["EXTAUTH_METRICS_LISTEN"]
+    direct = call("POST", f"http://{admin}/internal/body-check", [1], headers={"x-gateway-secret": "guess"})
+    assert direct.status == 403 and "JSON object" not in direct.body.decode(), direct.body
 
 
 # --- the gRPC transport, one setting away ---------------------------------------------------------------
@@ -192,9 +216,11 @@ def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
 ) -> None:
     """An attacker on the internal network with a valid gateway key, speaking Envoy's own gRPC API."""
     import grpc
+    from envoy.config.core.v3 import base_pb2 as base
     from envoy.service.auth.v3 import attribute_context_pb2 as attributes
     from envoy.service.auth.v3 import external_auth_pb2 as authz
     from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+    from google.protobuf.struct_pb2 import Struct, Value
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tests.test_custody import process_env
@@ -204,9 +230,12 @@ def test_the_grpc_check_port_refuses_a_caller_without_envoys_secret(
     request = authz.CheckRequest(attributes=attributes.AttributeContext(request=attributes.AttributeContext.Request(
         http=attributes.AttributeContext.HttpRequest(
             method="POST", path="/v1/chat/completions",
-            headers={"authorization": f"Bearer {t.api_key}", "x-gateway-body": f"model={t.chat_model}",
+            headers={"authorization": f"Bearer {t.api_key}",
                      # Where a client's own headers travel: never taken as the secret.
-                     "x-gateway-secret": secret}))))
+                     "x-gateway-secret": secret})),
+        # The body's facts, as Envoy sends them (json_to_metadata's namespace).
+        metadata_context=base.Metadata(filter_metadata={"envoy.filters.http.json_to_metadata": Struct(
+            fields={"model": Value(string_value=t.chat_model)})})))
     with grpc.insecure_channel(grpc_gateway.env["EXTAUTH_LISTEN"]) as channel:
         check = authz_grpc.AuthorizationStub(channel).Check
         # The control: with Envoy's metadata the same request is a decision carrying the RunPod key.
