@@ -38,6 +38,8 @@ FORM_HEADER = "x-gateway-form"
 _UNPARSED = "unparsed"
 _NO_MODEL = "no_model"
 UNKNOWN = "unknown"
+# Where the completion budget is stated, in order of precedence (`max_output_tokens`: the Responses API's).
+_BUDGETS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # The most of a body `shape_of` parses; a larger one is judged by its first byte.
 SHAPE_MAX_BYTES = 1 << 20
 
@@ -82,12 +84,13 @@ def from_fields(fields: Mapping[str, Any], size: str | None, content_type: str |
     """The facts in json_to_metadata's namespace (`fields`), for a body of `size` bytes."""
     model = fields.get("model")
     if isinstance(model, str):
-        budget = _count(fields.get("max_completion_tokens"))
-        if budget is None:
-            budget = _count(fields.get("max_tokens"))
-        if budget is None:
-            budget = _count(fields.get("max_output_tokens"))  # the Responses API's
-        return BodyFacts(model, size, budget, _count(fields.get("n")))
+        budget = None
+        for name in _BUDGETS:
+            value = fields.get(name)
+            if value is not None and (budget := _count(value)) is not None:
+                break
+        choices = fields.get("n")
+        return BodyFacts(model, size, budget, None if choices is None else _count(choices))
     if model is not None:
         problem: str | None = "model_type"
     elif _UNPARSED in fields:

@@ -7,6 +7,7 @@ draft's terms that is a quota of L/10 requests per window of the time it takes t
 
 from __future__ import annotations
 
+import functools
 import math
 
 from extauth.hotstate import Verdict
@@ -25,16 +26,23 @@ def retry_after_s(verdict: Verdict) -> int:
     return max(1, math.ceil(verdict.retry_after_us / 1_000_000))
 
 
-def headers(verdict: Verdict) -> list[tuple[str, str]]:
-    limit = verdict.limit
+# A key's limit changes rarely and a workspace has few: its two fixed headers are built once per limit.
+@functools.lru_cache(maxsize=256)
+def _fixed(limit: int) -> tuple[tuple[str, str], tuple[str, str]]:
     window_s = max(1, round(burst(limit) * 60 / limit))
+    return ("x-ratelimit-limit", str(limit)), ("ratelimit-policy", f'"{POLICY_NAME}";q={burst(limit)};w={window_s}')
+
+
+def headers(verdict: Verdict) -> list[tuple[str, str]]:
+    limit_header, policy_header = _fixed(verdict.limit)
+    remaining = str(verdict.remaining)
     reset_in_s = max(0, math.ceil((verdict.reset_us - verdict.now_us) / 1_000_000))
     out = [
-        ("x-ratelimit-limit", str(limit)),
-        ("x-ratelimit-remaining", str(verdict.remaining)),
+        limit_header,
+        ("x-ratelimit-remaining", remaining),
         ("x-ratelimit-reset", str(math.ceil(verdict.reset_us / 1_000_000))),
-        ("ratelimit-policy", f'"{POLICY_NAME}";q={burst(limit)};w={window_s}'),
-        ("ratelimit", f'"{POLICY_NAME}";r={verdict.remaining};t={reset_in_s}'),
+        policy_header,
+        ("ratelimit", f'"{POLICY_NAME}";r={remaining};t={reset_in_s}'),
     ]
     if verdict.retry_after_us > 0:
         out.append(("retry-after", str(retry_after_s(verdict))))
