@@ -56,14 +56,16 @@ class BodyFacts(NamedTuple):
 NONE = BodyFacts()
 
 
-def from_headers(headers: Mapping[str, str], namespace: Mapping[str, Any] | None = None) -> BodyFacts:
+def from_headers(
+    headers: Mapping[str, str], namespace: Mapping[str, Any] | None = None, size: str | None = None
+) -> BodyFacts:
     """The facts a check carries: a voice form's, else a JSON body's, from `x-gateway-body` or, over
-    gRPC, from json_to_metadata's `namespace` and the client's content-length."""
+    gRPC, from json_to_metadata's `namespace` and the body's `size` (the CheckRequest's)."""
     form = headers.get(FORM_HEADER)
     if form:
         return read_form(form)
     if namespace is not None:
-        return from_fields(namespace, headers.get("content-length"), headers.get("content-type"))
+        return from_fields(namespace, size, headers.get("content-type"))
     value = headers.get(HEADER)
     if not value:
         return NONE

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from control import apikeys
@@ -203,7 +203,7 @@ class Checker:
         if not route.modalities:
             return self._models(workspace, retrieve_model, limit_headers, meta)
         over_spend = verdict is not None and verdict.spend == hotstate.SPEND_REFUSED
-        return self._allow(route, workspace, facts.model, headers.keys(), limit_headers, meta, over_spend)
+        return self._allow(route, workspace, facts.model, limit_headers, meta, over_spend)
 
     def _reservation(self, route: routes.Route, workspace: WorkspaceEntry, facts: BodyFacts) -> int:
         """The micro-USD this request reserves against the spend limit: 0 unless it is a managed request
@@ -284,7 +284,6 @@ class Checker:
         route: routes.Route,
         workspace: WorkspaceEntry,
         model: str | None,
-        header_names: Iterable[str],
         limit_headers: list[tuple[str, str]],
         meta: dict[str, str],
         over_spend: bool,
@@ -324,6 +323,6 @@ class Checker:
             "",
             limit_headers,
             upstream.injected_headers(path, upstream_key, dep.destination),
-            upstream.headers_to_remove(header_names),
+            [],
             meta,
         )

@@ -82,7 +82,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         # The body's facts: json_to_metadata's namespace (the filter's metadata_context_namespaces).
         metadata = request.attributes.metadata_context.filter_metadata
         namespace = json_format.MessageToDict(metadata[_BODY_NAMESPACE]) if _BODY_NAMESPACE in metadata else {}
-        facts = body_facts.from_headers(http.headers, namespace)
+        # The body's size as Envoy states it (-1: not known, a body without a content-length).
+        facts = body_facts.from_headers(http.headers, namespace, str(http.size) if http.size >= 0 else None)
         return render(await self._checker.check(http.method, http.path, http.headers, key_only, facts))
 
 

@@ -4,9 +4,9 @@ EXTAUTH_LISTEN, written on asyncio's protocol layer because per-request overhead
 
 It serves exactly three things, to Envoy only (extauth/custody.py: every request must carry the secret
 Envoy adds; anything else gets 403 and nothing more):
-- `<method> /check/<client path>`: the check. Envoy sends the client's headers (values of
-  `authorization` and the body's facts, `x-gateway-body` (or a voice form's `x-gateway-form`), are
-  read; the other names become the removal list) and no body.
+- `<method> /check/<client path>`: the check. Envoy sends the client headers ext_authz reads (its
+  `allowed_headers`: the key, the forwarded ones, a voice form's `x-gateway-form`; the edge removed
+  all others) and the body's facts, `x-gateway-body`, and no body.
   Status 200 allows, any other status is the client's answer with this body (Envoy's HTTP ext_authz
   contract); headers map as extauth/decision.py describes.
 - `<method> /precheck/<client path>`: the pre-check of a large body (envoy/envoy.yaml,
@@ -168,7 +168,7 @@ class CheckConnection(asyncio.Protocol):
             return
         method, target, _version = parts
         self._close_after = headers.get("connection", "").lower() == "close"
-        # Popped, so it never reaches the checker (whose removal list names the headers it saw).
+        # Popped, so it never reaches the checker (nor is counted among the forwarded headers).
         if not self._service.secret.admits(headers.pop(SECRET_HEADER, None)):
             self._finish(_refused())
         elif target.startswith(CHECK_PREFIX + "/"):

@@ -1,34 +1,26 @@
 """Upstream injection: what an allowed request carries to the customer's endpoint, and nothing more.
 
 The client's credential is replaced by the workspace's RunPod key, the path is rebuilt for the
-deployment's endpoint, the destination header that picks Envoy's cluster is always overwritten, and
-every client header outside a short allowlist is removed, so nothing a client forges (routing headers,
-x-envoy-* retry or timeout controls, forwarded-for chains) reaches routing or the upstream.
+deployment's endpoint, and the destination header that picks Envoy's cluster is always overwritten.
+Every client header outside a short allowlist never gets this far: Envoy removes them at the edge,
+before routing (control/header_allowlist.py, envoy.yaml `early_header_mutation_extensions`), so
+nothing a client forges (routing headers, x-envoy-* retry or timeout controls, forwarded-for chains)
+reaches routing, this check or the upstream, and an answer has nothing left to strip.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from extauth import body_facts
 from extauth.decision import BODY_CHECK, BODY_CHECK_PATH, DESTINATION_HEADER, LOCAL_DESTINATION, PATH_HEADER
 
-# Headers an inference upstream legitimately needs from the client. accept-encoding is deliberately
-# absent: compressed responses would hide usage from the access log.
-FORWARDED = frozenset({"content-type", "content-length", "accept", "user-agent", "x-request-id"})
-# Envoy's own: it sets x-forwarded-proto itself (use_remote_address) and route matching reads it; host
-# is the request's authority (rewritten per cluster). The injected headers are overwritten, never
-# removed: a removal would apply after the overwrite.
-# The body's facts travel on the check alone (envoy.yaml), so there is nothing of that name to remove.
-_KEPT = FORWARDED | {"x-forwarded-proto", "host", "authorization", DESTINATION_HEADER, PATH_HEADER, body_facts.HEADER}
-
-
 # Envoy holds a request's headers to its own limits (envoy.yaml: 100 headers, 60 KiB) also while
 # ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
 # with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
-# answer add: the check request counts Envoy's additions already, the answer adds two headers and
-# at most a few hundred bytes (credential, path). Room is kept for a header of the body's facts
+# answer add: the check carries every header that is forwarded (the edge's allowlist) and Envoy's
+# additions, the answer adds two headers and at most a few hundred bytes (credential, path). Room is
+# kept for a header of the body's facts
 # (extauth/body_facts.py: a voice form's is on the request) whether this request has it or not, so the
 # limit a client meets does not depend on its body: 88 headers of its own, with the 7 a plain HTTP
 # client adds.
@@ -41,18 +33,6 @@ def fits_upstream(headers: Mapping[str, str]) -> bool:
     if own + 1 > MAX_CHECKED_HEADERS:
         return False
     return sum(map(len, headers)) + sum(map(len, headers.values())) <= MAX_CHECKED_HEADER_BYTES
-
-
-def headers_to_remove(client_headers: Iterable[str]) -> list[str]:
-    return list(_to_remove(tuple(client_headers)))
-
-
-# A client sends the same header names on every request: the answer is kept per set of names. Few
-# sets are kept: a set of names can be as large as a header block (60 KiB), so this bounds the cache at
-# a few MiB even against clients that vary their headers on purpose.
-@functools.lru_cache(maxsize=128)
-def _to_remove(client_headers: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(name for name in client_headers if not name.startswith(":") and name not in _KEPT)
 
 
 def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple[str, str]]:

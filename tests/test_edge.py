@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import Gateway, Simulator, Tenant, make_tenant, start_gateway
-from tests.support import call, checks_paused, envoy_copy, render_on_placeholders
+from tests.support import ROOT, call, checks_paused, envoy_copy, render_on_placeholders
 
 # The shipped limits (envoy/envoy.yaml; README, "Operators: limits at the edge").
 HEADERS_TIMEOUT_S = 10
@@ -457,19 +457,17 @@ def test_bodies_of_unknown_length_are_checked_and_limited_alike(
 
 @pytest.mark.parametrize(
     ("count", "name_len", "value_len", "allowed"),
-    [(81, 8, 8, True), (82, 8, 8, False), (92, 8, 8, False), (200, 8, 8, False), (1, 8, 59_000, True),
-     (1, 8, 61_000, False), (1, 8, 70_000, False), (80, 745, 8, False), (80, 8, 745, False),
-     (2, 29_000, 1, True), (2, 30_300, 1, False)],
-    ids=["most-allowed", "one-more", "near-envoys-count", "over-envoys-count", "large", "near-envoys-size",
-         "over-envoys-size", "long-names", "long-values", "two-huge-names", "two-huger-names"],
+    [(81, 8, 8, True), (92, 8, 8, True), (200, 8, 8, False), (1, 8, 59_000, True), (1, 8, 61_000, True),
+     (1, 8, 70_000, False), (80, 745, 8, True), (80, 8, 745, True), (2, 30_300, 1, True)],
+    ids=["many", "near-envoys-count", "over-envoys-count", "large", "near-envoys-size", "over-envoys-size",
+         "long-names", "long-values", "two-huge-names"],
 )
 def test_many_or_large_headers_get_a_real_answer(
     gateway: Gateway, tenant: Tenant, count: int, name_len: int, value_len: int, allowed: bool
 ) -> None:
-    """The check request repeats every header and ext_authz's answer adds some (and lists the names to
-    remove): near Envoy's limits (100 headers, 60 KiB) an allowed request used to end in an empty 500.
-    urllib adds 7 headers of its own to the ones counted here: 88 in all pass (room is kept for the
-    header of the body's facts the gateway adds, whether this body has any), 59 KiB in all pass."""
+    """Headers outside the edge's allowlist are removed before anything copies them (control/
+    header_allowlist.py): up to Envoy's own limits (100 headers, 60 KiB, counting the 7 urllib adds)
+    they cost the request nothing; past them Envoy answers 431 itself. Never an empty 500."""
     headers = {f"x-{i:03d}" + "n" * max(0, name_len - 5): "v" * value_len for i in range(count)}
     reply = call("POST", f"{gateway.base_url}/chat/completions",
                  {"model": tenant.chat_model, "messages": [{"role": "user", "content": "hi"}]},
@@ -482,6 +480,65 @@ def test_many_or_large_headers_get_a_real_answer(
         error = reply.json()["error"]
         assert_openai_shape(error)
         assert error["code"] in ("request_headers_too_large", "bad_request")
+
+
+@pytest.mark.parametrize(("size", "allowed"), [(58_000, True), (60_800, False)], ids=["fits", "too-large"])
+def test_a_forwarded_header_near_envoys_size_limit_gets_a_real_answer(
+    gateway: Gateway, tenant: Tenant, size: int, allowed: bool
+) -> None:
+    """A header that is forwarded (here `user-agent`) stays, and ext_authz's answer adds the credential
+    and the path to it: near Envoy's 60 KiB that used to end in an empty 500. Refused with 431 instead,
+    by ext_authz, which sees every forwarded header (extauth/upstream.py)."""
+    reply = call("POST", f"{gateway.base_url}/chat/completions",
+                 {"model": tenant.chat_model, "messages": [{"role": "user", "content": "hi"}]},
+                 key=tenant.api_key, headers={"user-agent": "u" * size})
+    if allowed:
+        # Forwarded: what the endpoint makes of it is its own (the simulator's HTTP server refuses a
+        # header line over 8 KiB with 400).
+        assert reply.status not in (431, 500), reply.body
+    else:
+        assert reply.status == 431, (reply.status, reply.body)
+        assert reply.json()["error"]["code"] == "request_headers_too_large"
+        assert_openai_shape(reply.json()["error"])
+
+
+def test_the_edge_allowlist_in_envoy_yaml_is_the_one_control_states() -> None:
+    """envoy.yaml holds the expression control/header_allowlist.py builds for its list (Envoy cannot
+    negate a match, so the expression is generated), and it removes exactly the names outside it."""
+    import re
+
+    from control.header_allowlist import EDGE_ALLOWLIST, keep_only_regex
+
+    config = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    [listener] = [li for li in config["static_resources"]["listeners"] if li["name"] == "gateway"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [mutation] = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    shipped = mutation["remove_on_match"]["key_matcher"]["safe_regex"]["regex"]
+    assert shipped == keep_only_regex(EDGE_ALLOWLIST)
+    removed = [name for name in (*EDGE_ALLOWLIST, ":path", ":authority", ":method") if re.fullmatch(shipped, name)]
+    assert removed == []
+    for name in ("x-gateway-destination", "x-gateway-body", "x-gateway-form", "x-gateway-secret", "cookie",
+                 "x-forwarded-for", "forwarded", "accept-encoding", "te", "upgrade", "acceptx", "accep",
+                 "x-request-idx", "content-", "a", "x-envoy-retry-on", "authorization2", "hos"):
+        assert re.fullmatch(shipped, name), name
+
+
+def test_an_upstream_sees_only_the_allowlisted_headers_and_what_the_gateway_sets(
+    gateway: Gateway, simulator: Simulator, tenant: Tenant
+) -> None:
+    before = len(simulator.requests())
+    forged = {"cookie": "a=1", "x-forwarded-for": "1.2.3.4", "forwarded": "for=1.2.3.4", "x-real-ip": "1.2.3.4",
+              "accept-encoding": "gzip", "te": "trailers", "openai-organization": "org", "x-custom": "1",
+              "user-agent": "ua", "accept": "*/*"}
+    reply = call("POST", f"{gateway.base_url}/chat/completions",
+                 {"model": tenant.chat_model, "messages": [{"role": "user", "content": "hi"}]},
+                 key=tenant.api_key, headers=forged)
+    assert reply.status == 200, reply.body
+    [seen] = [r for r in simulator.requests()[before:] if "/openai/" in r["path"]]
+    assert sorted(k.lower() for k in seen["headers"]) == [
+        "accept", "authorization", "content-length", "content-type", "host", "user-agent", "x-forwarded-proto",
+        "x-request-id"]
+    assert seen["headers"]["authorization"] == f"Bearer {tenant.runpod_key}"
 
 
 def test_an_edited_config_whose_route_holds_more_than_the_listener_is_refused_by_name(tmp_path: Path) -> None:
