@@ -146,14 +146,15 @@ class CheckConnection(asyncio.Protocol):
             return
         head = self._buffer[:end].decode("latin-1")
         request_line, *header_lines = head.split("\r\n")
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            value = value.strip()
+        pairs = [line.partition(":") for line in header_lines]
+        headers = {name.strip().lower(): value.strip() for name, _, value in pairs}
+        if len(headers) != len(pairs):
             # Repeated headers fold into one value, as Envoy's gRPC CheckRequest does: a repeated
-            # `authorization` then never parses as one key.
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
+            # `authorization` then never parses as one key. (Rare: the common case is one comprehension.)
+            headers = {}
+            for name, _, value in pairs:
+                name, value = name.strip().lower(), value.strip()
+                headers[name] = f"{headers[name]},{value}" if name in headers else value
         length = headers.get("content-length", "0")
         if not length.isdigit():
             self._finish(_plain(400, "bad content-length"), close=True)
