@@ -62,7 +62,7 @@ class FakeHot:
         self.calls: list[dict[str, Any]] = []
 
     async def decide(self, keys: Sequence[str], args: list[Any]) -> list[int]:
-        self.calls.append(dict(zip(hotstate.DECIDE_ARGS, args, strict=False)))
+        self.calls.append({**hotstate.DECIDE_ARG_DEFAULTS, **dict(zip(hotstate.DECIDE_ARGS, args, strict=False))})
         reply = self.replies.pop(0) if self.replies else [hotstate.ALLOW, 500, 49, 0, 0, now_us(), 0]
         if isinstance(reply, Exception):
             raise reply
@@ -265,3 +265,13 @@ def test_migration_0003_prices_each_live_managed_deployment_as_it_was_charged(po
     assert [(d, int(i), int(o)) for d, i, o in prices] == [("dep_named", 1, 2), ("dep_own", 3, 4)]
     assert [(w, m, float(s)) for w, m, s in spend] == [("ws_a", 202611, 0.5), ("ws_a", 202612, 0.25)]
     assert gone == (None,)
+
+
+def test_a_check_that_neither_reserves_nor_refreshes_sends_four_arguments() -> None:
+    """The script reads the others as DECIDE_ARG_DEFAULTS; every argument is encoded and parsed per check."""
+    assert hotstate.decide_args(1, 2, 3, 202612) == [1, 2, 3, 202612]
+    full = hotstate.decide_args(1, 2, 3, 202612, reserve_uusd=5, request_id="r", reservation_ttl_s=60)
+    assert dict(zip(hotstate.DECIDE_ARGS, full, strict=True)) == {
+        "deadline_us": 1, "key_generation": 2, "workspace_generation": 3, "month": 202612, "reserve_uusd": 5,
+        "request_id": "r", "reservation_ttl_s": 60, "spent_uusd": -1, "key_fields_n": 0}
+    assert len(hotstate.decide_args(1, 2, 3, 202612, spent_uusd=0)) == len(hotstate.DECIDE_ARGS)
