@@ -33,6 +33,8 @@ from urllib.parse import unquote
 import orjson
 
 HEADER = "x-gateway-body"
+# json_to_metadata's namespace (envoy.yaml), as the gRPC check's metadata context names it.
+NAMESPACE = "envoy.filters.http.json_to_metadata"
 FORM_HEADER = "x-gateway-form"
 # json_to_metadata's keys for a body it could not parse and for one without a string-or-scalar model.
 _UNPARSED = "unparsed"

@@ -26,7 +26,6 @@ from extauth.decision import FORWARDED, META_KEY, PRECHECK_METADATA, Decision
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
-_BODY_NAMESPACE = "envoy.filters.http.json_to_metadata"
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 
 
@@ -81,7 +80,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):  # type: ignore[m
         key_only = any(name == PRECHECK_METADATA for name, _ in context.invocation_metadata() or ())
         # The body's facts: json_to_metadata's namespace (the filter's metadata_context_namespaces).
         metadata = request.attributes.metadata_context.filter_metadata
-        namespace = json_format.MessageToDict(metadata[_BODY_NAMESPACE]) if _BODY_NAMESPACE in metadata else {}
+        lifted = metadata.get(body_facts.NAMESPACE)
+        namespace = {} if lifted is None else json_format.MessageToDict(lifted)
         # The body's size as Envoy states it (-1: not known, a body without a content-length).
         facts = body_facts.from_headers(http.headers, namespace, str(http.size) if http.size >= 0 else None)
         return render(await self._checker.check(http.method, http.path, http.headers, key_only, facts))

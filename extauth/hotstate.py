@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, NamedTuple
@@ -61,13 +61,18 @@ DECIDE_ARGS = (
 
 
 # What the script reads for the trailing DECIDE_ARGS a check leaves out (decide_args): no reservation,
-# no refresh.
-DECIDE_ARG_DEFAULTS = {"reserve_uusd": 0, "request_id": "", "reservation_ttl_s": 0, "spent_uusd": -1,
-                       "key_fields_n": 0}
+# no refresh. The script's prologue applies them, so this is their one statement.
+DECIDE_ARG_DEFAULTS: dict[str, Any] = {"reserve_uusd": 0, "request_id": "", "reservation_ttl_s": 0,
+                                       "spent_uusd": -1, "key_fields_n": 0}
 
 
-def _prologue(names: Sequence[str], array: str) -> str:
-    return "".join(f"local {name} = {array}[{i}]\n" for i, name in enumerate(names, 1))
+def _prologue(names: Sequence[str], array: str, defaults: Mapping[str, Any] | None = None) -> str:
+    """Each of `array`'s values as a local named `names`; an absent one as its default, if it has one."""
+    defaults = defaults or {}
+    return "".join(
+        f"local {name} = {array}[{i}]" + (f" or '{defaults[name]}'" if name in defaults else "") + "\n"
+        for i, name in enumerate(names, 1)
+    )
 
 
 def _constants(script: str) -> str:
@@ -129,28 +134,27 @@ DECIDE_SCRIPT = _constants(
     _PUT
     + _SPEND
     + _prologue(DECIDE_KEYS, "KEYS")
-    + _prologue(DECIDE_ARGS, "ARGV")
+    + _prologue(DECIDE_ARGS, "ARGV", DECIDE_ARG_DEFAULTS)
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local deadline = tonumber(deadline_us)
 if deadline > 0 and now > deadline then return {@EXPIRED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
--- Trailing arguments a check without a reservation or a refresh leaves out (decide_args).
-local n = tonumber(key_fields_n or '0')
+local n = tonumber(key_fields_n)
 local kf, wf = {}, {}
 for i = 1, n do kf[i] = ARGV[@NARGS@ + i] end
 for i = @NARGS@ + 1 + n, #ARGV do wf[#wf + 1] = ARGV[i] end
 put(key_hash, kf, @HOTSTATE_TTL_S@)
 put(workspace_hash, wf, @HOTSTATE_TTL_S@)
 local this_month = tonumber(month)
-local spent_in = tonumber(spent_uusd or '-1')
+local spent_in = tonumber(spent_uusd)
 if spent_in >= 0 then put_spent(spend, this_month, spent_in) end
 local k = redis.call('HMGET', key_hash, 'g', 'x', 'r')
 local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l', 's')
 if (not k[1]) or (not w[1]) then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[1] ~= key_generation or w[1] ~= workspace_generation then return {@STALE@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[2] == '1' then return {@REVOKED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
-local reserve = tonumber(reserve_uusd or '0')
+local reserve = tonumber(reserve_uusd)
 local spend_limit = tonumber(w[4] or '-1')
 local spent = nil
 if reserve > 0 and spend_limit >= 0 then
@@ -271,10 +275,11 @@ def decide_args(
     """DECIDE_SCRIPT's ARGV (DECIDE_ARGS, then the refreshed fields). A check that neither reserves nor
     refreshes sends the first four only: the script reads the missing ones as these defaults, and each
     argument costs encoding here and parsing in Redis on every check."""
-    if not reserve_uusd and spent_uusd == -1 and not key_fields and not workspace_fields:
-        return [deadline_us, key_generation, workspace_generation, month]
-    return [deadline_us, key_generation, workspace_generation, month, reserve_uusd, request_id,
-            reservation_ttl_s, spent_uusd, len(key_fields), *key_fields, *workspace_fields]
+    head = [deadline_us, key_generation, workspace_generation, month]
+    tail = [reserve_uusd, request_id, reservation_ttl_s, spent_uusd, len(key_fields)]
+    if dict(zip(DECIDE_ARGS[len(head):], tail, strict=True)) == DECIDE_ARG_DEFAULTS and not workspace_fields:
+        return head
+    return [*head, *tail, *key_fields, *workspace_fields]
 
 
 def key_fields(generation: int, revoked: bool, rpm_limit: int | None) -> list[Any]:

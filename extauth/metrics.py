@@ -1,8 +1,10 @@
 """ext_authz's metrics (OpenTelemetry, served to Prometheus on EXTAUTH_METRICS_LISTEN at `/metrics`).
 
 Exported names (dots become underscores; counters get `_total`):
-- `gateway_extauth_decisions_total{decision="allow"|"deny"|"local", code}`: checks answered; `code` is
-  the OpenAI error code of a denial, or `ok`
+- `gateway_extauth_decisions_total{decision="allow"|"deny"|"local"|"body_check"|"precheck", code}`:
+  checks answered; `code` is the OpenAI error code of a denial, or `ok` (`body_check`: a body without a
+  `model` the check could name, answered by the admin port with what is wrong with it; its code is
+  `missing_model`)
 - `gateway_extauth_check_duration_seconds` (histogram): time spent deciding one check
 - `gateway_extauth_cache_lookups_total{cache="key"|"workspace", result="hit"|"miss"}`
 - `gateway_extauth_redis_errors_total{kind="error"|"timeout"}`: failed hot-state calls

@@ -17,13 +17,12 @@ from extauth.decision import BODY_CHECK, BODY_CHECK_PATH, DESTINATION_HEADER, LO
 
 # Envoy holds a request's headers to its own limits (envoy.yaml: 100 headers, 60 KiB) also while
 # ext_authz's answer adds to them; an allowed request at the edge of those limits would fail there
-# with an empty 500. Such a request is refused instead (431), with room kept for what Envoy and the
-# answer add: the check carries every header that is forwarded (the edge's allowlist) and Envoy's
-# additions, the answer adds two headers and at most a few hundred bytes (credential, path). Room is
-# kept for a header of the body's facts
-# (extauth/body_facts.py: a voice form's is on the request) whether this request has it or not, so the
-# limit a client meets does not depend on its body: 88 headers of its own, with the 7 a plain HTTP
-# client adds.
+# with an empty 500. Such a request is refused instead (431), with room kept for what the answer adds
+# (two headers, at most a few hundred bytes: credential, path). The check carries every header that is
+# forwarded (the edge's allowlist, envoy.yaml `allowed_headers`) and Envoy's own additions; a header of
+# the body's facts does not count (x-gateway-body travels on the check alone, x-gateway-form is removed
+# before forwarding). Since the edge drops every other header, in practice only a forwarded header's
+# size can reach these bounds.
 MAX_CHECKED_HEADERS = 94
 MAX_CHECKED_HEADER_BYTES = 59 * 1024
 

@@ -515,6 +515,12 @@ def test_the_edge_allowlist_in_envoy_yaml_is_the_one_control_states() -> None:
     [mutation] = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
     shipped = mutation["remove_on_match"]["key_matcher"]["safe_regex"]["regex"]
     assert shipped == keep_only_regex(EDGE_ALLOWLIST)
+    # ext_authz holds the forwarded headers to Envoy's limits (extauth/upstream.py): it must be sent each
+    # one the edge lets through, bar what Envoy itself frames, routes on or rewrites.
+    [authz] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    sent = {pattern["exact"] for pattern in authz["typed_config"]["allowed_headers"]["patterns"]}
+    framing = {"connection", "content-length", "expect", "host", "transfer-encoding"}
+    assert set(EDGE_ALLOWLIST) - framing <= sent
     removed = [name for name in (*EDGE_ALLOWLIST, ":path", ":authority", ":method") if re.fullmatch(shipped, name)]
     assert removed == []
     for name in ("x-gateway-destination", "x-gateway-body", "x-gateway-form", "x-gateway-secret", "cookie",
