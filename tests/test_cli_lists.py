@@ -49,6 +49,10 @@ def test_deployments_list_and_status_teardown_by_public_name(gateway: Gateway, s
     chat = by_name[t.chat_model]
     assert (chat["modality"], chat["state"], chat["endpoint_id"]) == ("llm", "ready", t.deployments[t.chat_model])
 
+    # Idle past its idle timeout (5 s, as deployed) an endpoint scales to zero, as RunPod's do; on a
+    # loaded machine the calls above can take that long. A job just before keeps it ready to be read.
+    openai.OpenAI(base_url=gateway.base_url, api_key=t.api_key, max_retries=0).chat.completions.create(
+        model=t.chat_model, messages=[{"role": "user", "content": "hi"}])
     by_workspace = gateway.ctl_json("status", t.chat_model, "--workspace", "lists-names")
     assert (by_workspace["id"], by_workspace["health"]) == (chat["id"], "ready")
     assert gateway.ctl_json("status", t.chat_model)["id"] == chat["id"]  # unique: no --workspace needed
