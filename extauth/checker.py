@@ -237,15 +237,14 @@ class Checker:
             if refresh:
                 args = hotstate.decide_args(
                     self._clock.deadline_us(started_us), key.generation, workspace.generation, workspace.month, reserve,
-                    request_id if reserve else "", self._spend.ttl_s, workspace.spent_uusd,
+                    request_id, self._spend.ttl_s, workspace.spent_uusd,
                     hotstate.key_fields(key.generation, key.revoked, key.rpm_limit),
                     hotstate.workspace_fields(workspace.generation, workspace.rpm_default, workspace.rpm_ceiling,
                                               workspace.spend_limit_uusd, workspace.switch),
                 )
             else:
                 args = hotstate.decide_args(self._clock.deadline_us(started_us), key.generation, workspace.generation,
-                                            self._months.month(), reserve, request_id if reserve else "",
-                                            self._spend.ttl_s)
+                                            self._months.month(), reserve, request_id, self._spend.ttl_s)
             verdict = hotstate.parse_verdict(
                 await self._hot.decide(hotstate.decide_keys(key.key_id, workspace.workspace_id), args)
             )

@@ -276,10 +276,18 @@ def decide_args(
     refreshes sends the first four only: the script reads the missing ones as these defaults, and each
     argument costs encoding here and parsing in Redis on every check."""
     head = [deadline_us, key_generation, workspace_generation, month]
-    tail = [reserve_uusd, request_id, reservation_ttl_s, spent_uusd, len(key_fields)]
-    if dict(zip(DECIDE_ARGS[len(head):], tail, strict=True)) == DECIDE_ARG_DEFAULTS and not workspace_fields:
+    if not reserve_uusd:
+        # Nothing reserved: the reservation's name and lifetime mean nothing to the script.
+        request_id, reservation_ttl_s = "", 0
+    tail = (reserve_uusd, request_id, reservation_ttl_s, spent_uusd, len(key_fields))
+    if tail == _TAIL_DEFAULTS and not workspace_fields:
         return head
     return [*head, *tail, *key_fields, *workspace_fields]
+
+
+# DECIDE_ARG_DEFAULTS in DECIDE_ARGS's order, after the four every check sends: compared as one tuple,
+# since decide_args runs on every check.
+_TAIL_DEFAULTS = tuple(DECIDE_ARG_DEFAULTS[name] for name in DECIDE_ARGS[4:])
 
 
 def key_fields(generation: int, revoked: bool, rpm_limit: int | None) -> list[Any]:

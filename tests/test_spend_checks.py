@@ -60,8 +60,10 @@ class FakeHot:
     def __init__(self, *replies: list[int] | Exception) -> None:
         self.replies = list(replies)
         self.calls: list[dict[str, Any]] = []
+        self.sent: list[list[Any]] = []
 
     async def decide(self, keys: Sequence[str], args: list[Any]) -> list[int]:
+        self.sent.append(args)
         self.calls.append({**hotstate.DECIDE_ARG_DEFAULTS, **dict(zip(hotstate.DECIDE_ARGS, args, strict=False))})
         reply = self.replies.pop(0) if self.replies else [hotstate.ALLOW, 500, 49, 0, 0, now_us(), 0]
         if isinstance(reply, Exception):
@@ -267,9 +269,19 @@ def test_migration_0003_prices_each_live_managed_deployment_as_it_was_charged(po
     assert gone == (None,)
 
 
+@pytest.mark.parametrize("model", ["own-chat", "unpriced", "missing"])
+def test_a_steady_check_that_reserves_nothing_sends_four_arguments(model: str) -> None:
+    """What the Checker sends, not only what decide_args can send: a reservation's lifetime travels only
+    with a reservation."""
+    hot = FakeHot()
+    check(checker(hot), model, bytes="100")
+    assert [len(args) for args in hot.sent] == [4]
+
+
 def test_a_check_that_neither_reserves_nor_refreshes_sends_four_arguments() -> None:
     """The script reads the others as DECIDE_ARG_DEFAULTS; every argument is encoded and parsed per check."""
     assert hotstate.decide_args(1, 2, 3, 202612) == [1, 2, 3, 202612]
+    assert hotstate.decide_args(1, 2, 3, 202612, 0, "req", 3600) == [1, 2, 3, 202612]
     full = hotstate.decide_args(1, 2, 3, 202612, reserve_uusd=5, request_id="r", reservation_ttl_s=60)
     assert dict(zip(hotstate.DECIDE_ARGS, full, strict=True)) == {
         "deadline_us": 1, "key_generation": 2, "workspace_generation": 3, "month": 202612, "reserve_uusd": 5,
