@@ -76,9 +76,11 @@ def from_headers(
     size = (value if brace < 0 else value[:brace]).strip() or None
     if brace < 0:
         return BodyFacts(body_bytes=size)
+    text = value[brace:]
     try:
-        # Header values travel as bytes; the model may be UTF-8.
-        fields = orjson.loads(value[brace:].encode("latin-1"))
+        # Header values travel as bytes (read as latin-1); the model may be UTF-8. ASCII, the common
+        # case, is the same either way and skips the round trip.
+        fields = orjson.loads(text if text.isascii() else text.encode("latin-1"))
     except (orjson.JSONDecodeError, UnicodeEncodeError):
         return BodyFacts(body_bytes=size)
     return from_fields(fields if isinstance(fields, dict) else {}, size, headers.get("content-type"))
@@ -88,6 +90,8 @@ def from_fields(fields: Mapping[str, Any], size: str | None, content_type: str |
     """The facts in json_to_metadata's namespace (`fields`), for a body of `size` bytes."""
     model = fields.get("model")
     if isinstance(model, str):
+        if len(fields) == 1:  # the model alone: nothing to size the request by
+            return BodyFacts(model, size)
         budget = None
         for name in _BUDGETS:
             value = fields.get(name)

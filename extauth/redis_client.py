@@ -57,6 +57,18 @@ def _bulk(parts: Iterable[bytes | str | int]) -> bytes:
     return b"".join(out)
 
 
+def _arguments(args: Sequence[str | int]) -> bytes:
+    """A script call's arguments (integers, and text that is ASCII but for a client's request id) as
+    _bulk encodes them: formatted as one str and encoded once, a quarter less than encoding each."""
+    out = []
+    for arg in args:
+        text = str(arg)
+        out.append(f"${len(text)}\r\n{text}\r\n")
+    joined = "".join(out)
+    # A length above counts characters; it is the byte count only for ASCII.
+    return joined.encode() if joined.isascii() else _bulk(args)
+
+
 def _command(*parts: bytes | str | int) -> bytes:
     return b"*%d\r\n%s" % (len(parts), _bulk(parts))
 
@@ -271,7 +283,7 @@ class ScriptClient:
             slot = key_slot(fixed[0].encode()) if self._single is None else 0
             entry = self._prefixes[fixed] = (_bulk((b"EVALSHA", self._sha, len(fixed), *fixed)), slot)
         prefix, slot = entry
-        command = b"*%d\r\n%s%s" % (3 + len(fixed) + len(args), prefix, _bulk(args))
+        command = b"*%d\r\n%s%s" % (3 + len(fixed) + len(args), prefix, _arguments(args))
         reply = await self._single.call(command) if self._single is not None else await self._routed(slot, command)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted or its scripts were flushed (or a master never saw it): EVAL loads it again.

@@ -31,7 +31,7 @@ def fits_upstream(headers: Mapping[str, str]) -> bool:
     own = len(headers) - (body_facts.HEADER in headers) - (body_facts.FORM_HEADER in headers)
     if own + 1 > MAX_CHECKED_HEADERS:
         return False
-    return sum(map(len, headers)) + sum(map(len, headers.values())) <= MAX_CHECKED_HEADER_BYTES
+    return len("".join(headers)) + len("".join(headers.values())) <= MAX_CHECKED_HEADER_BYTES
 
 
 def injected_headers(path: str, runpod_key: str, destination: str) -> list[tuple[str, str]]:

