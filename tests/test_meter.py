@@ -549,6 +549,25 @@ def test_packed_facts_and_older_flat_lines_parse_alike(source: str | None) -> No
     assert records[0].workspace_id == "ws_abc" and records[0].deployment_id == "dep_abc"
 
 
+def test_every_fact_of_a_line_lands_in_its_own_column() -> None:
+    """The record is built positionally (meter/parse.py): each value must sit under its own field name."""
+    from meter.parse import UsageRecord, parse_line
+
+    line = entry("req-1", destination="managed", model="asked", response_model="answered", status=201,
+                 flags="DC", prompt_tokens=11, completion_tokens=22, usage_source="partial", duration_ms=33,
+                 ttfb_ms=44, bytes_received=55, bytes_sent=66, units={"unit": "image", "quantity": 2,
+                                                                       "detail": "512x512"})
+    record = parse_line(json.dumps(line).encode())
+    assert isinstance(record, UsageRecord)
+    assert record._asdict() == {
+        "request_id": "req-1", "start_time": datetime(2026, 11, 24, 11, 25, 1, 123456, tzinfo=UTC),
+        "workspace_id": "ws_abc", "key_id": "key_abc", "deployment_id": "dep_abc", "destination": "managed",
+        "route": "/v1/chat/completions", "model": "asked", "response_model": "answered", "status": 201,
+        "flags": "DC", "prompt_tokens": 11, "completion_tokens": 22, "usage_estimated": False, "unit": "image",
+        "quantity": 2.0, "unit_detail": "512x512", "duration_ms": 33, "ttfb_ms": 44, "bytes_received": 55,
+        "bytes_sent": 66}
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
