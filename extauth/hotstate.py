@@ -150,21 +150,22 @@ local this_month = tonumber(month)
 local spent_in = tonumber(spent_uusd)
 if spent_in >= 0 then put_spent(spend, this_month, spent_in) end
 local k = redis.call('HMGET', key_hash, 'g', 'x', 'r')
-local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 'l', 's')
+local w = redis.call('HMGET', workspace_hash, 'g', 'd', 'c', 's')
 if (not k[1]) or (not w[1]) then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[1] ~= key_generation or w[1] ~= workspace_generation then return {@STALE@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 if k[2] == '1' then return {@REVOKED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 local reserve = tonumber(reserve_uusd)
-local spend_limit = tonumber(w[4] or '-1')
 local spent = nil
-if reserve > 0 and spend_limit >= 0 then
+-- The limit is read by a check that reserves only (each field read costs every check).
+local spend_limit = reserve > 0 and tonumber(redis.call('HGET', workspace_hash, 'l') or '-1') or -1
+if spend_limit >= 0 then
   local s = redis.call('HMGET', spend, 'm', 'p')
   if (not s[1]) or tonumber(s[1]) ~= this_month then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end
   spent = tonumber(s[2])
 end
 local limit = tonumber(k[3])
 -- A pending downgrade holds from its moment on Redis's clock: every replica switches together.
-if w[5] and w[5] ~= '0' and now >= tonumber(w[5]) then
+if w[4] and w[4] ~= '0' and now >= tonumber(w[4]) then
   local after = redis.call('HMGET', workspace_hash, 'sd', 'sc')
   w[2], w[3] = after[1], after[2]
 end
