@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
 from control.env import HostPort
@@ -15,9 +16,12 @@ def prometheus_provider(service_name: str) -> MeterProvider:
 
     # Prometheus's text format carries no exemplars, so none are sampled: the default filter looks up
     # the current span on every histogram record (~5% of a record's cost, twice per ext_authz check).
+    # Nor min and max, which a histogram records by default: each record() then costs ~10% less (twice per
+    # ext_authz check). The buckets stay each instrument's own (boundaries None: its advisory ones).
     return MeterProvider(
         metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": service_name}),
         exemplar_filter=AlwaysOffExemplarFilter(),
+        views=[View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(record_min_max=False))],
     )
 
 

@@ -53,3 +53,26 @@ def test_without_an_event_loop_histograms_are_recorded_at_once() -> None:
     metrics, reader = _metrics()
     metrics.decided("deny", "invalid_api_key", 0.0002)
     assert _counts(reader).get("gateway.extauth.check.duration") == 1
+
+
+def test_the_shipped_provider_keeps_each_histograms_own_buckets() -> None:
+    """control/telemetry.py has histograms skip min and max (Prometheus's text format has neither): what
+    /metrics shows is unchanged, the buckets still the instrument's advisory ones."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from control.telemetry import prometheus_provider
+
+    provider = prometheus_provider("test-buckets")
+    try:
+        histogram = provider.get_meter("test").create_histogram(
+            "test.buckets", unit="s", explicit_bucket_boundaries_advisory=(0.001, 0.5))
+        for value in (0.0004, 0.2, 0.7):
+            histogram.record(value)
+        text = generate_latest(REGISTRY).decode()
+        series = {line.split("{")[0] + ("{" + line.split('le="')[1].split('"')[0] + "}" if 'le="' in line else ""):
+                  float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("test_buckets")}
+        assert series == {"test_buckets_seconds_bucket{0.001}": 1, "test_buckets_seconds_bucket{0.5}": 2,
+                          "test_buckets_seconds_bucket{+Inf}": 3, "test_buckets_seconds_count": 3,
+                          "test_buckets_seconds_sum": 0.9004}
+    finally:
+        provider.shutdown()  # also takes its collector out of the registry
