@@ -82,9 +82,6 @@ class CheckService:
         self.serving = True
         self.connections: set[CheckConnection] = set()
 
-    async def check(self, method: str, path: str, headers: dict[str, str], key_only: bool = False) -> bytes:
-        return render(await self.checker.check(method, path, headers, key_only))
-
     async def models(self, path: str) -> bytes:
         workspace_id, _, model = path[len(LOCAL_MODELS_PATH) :].partition("/")
         try:
@@ -173,15 +170,23 @@ class CheckConnection(asyncio.Protocol):
         if not self._service.secret.admits(headers.pop(SECRET_HEADER, None)):
             self._finish(_refused())
         elif target.startswith(CHECK_PREFIX + "/"):
-            self._run(self._service.check(method, target[len(CHECK_PREFIX) :], headers))
+            self._run_check(self._service.checker.check(method, target[len(CHECK_PREFIX) :], headers))
         elif target.startswith(PRECHECK_PREFIX + "/"):
-            self._run(self._service.check(method, target[len(PRECHECK_PREFIX) :], headers, key_only=True))
+            self._run_check(self._service.checker.check(method, target[len(PRECHECK_PREFIX) :], headers, True))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":
             self._run(self._service.models(target))
         elif target == HEALTH_PATH:
             self._finish(self._service.health())
         else:
             self._finish(_plain(404, "not found"))
+
+    def _run_check(self, decision: Awaitable[Decision]) -> None:
+        # The check's coroutine awaited directly, without one of its own around it: a check's answer
+        # passes through every coroutine between it and the task, once per Redis reply.
+        async def respond() -> None:
+            self._finish(render(await decision))
+
+        self._task = self._loop.create_task(respond())
 
     def _run(self, answer: Awaitable[bytes]) -> None:
         async def respond() -> None:
