@@ -102,18 +102,19 @@ class Checker:
 
     async def check(
         self, method: str, path: str, headers: Mapping[str, str], key_only: bool = False,
-        facts: BodyFacts | None = None,
+        facts: BodyFacts | None = None, header_bytes: int | None = None,
     ) -> Decision:
         """`path` as the client sent it (query included); `headers` every header the client sent, plus
         the body's facts as Envoy hands them over (extauth/body_facts.py), unless a transport read them
         (`facts`). `key_only`: Envoy's pre-check of a large body (envoy.yaml, gateway.key_precheck):
-        route and key, nothing counted or injected."""
+        route and key, nothing counted or injected. `header_bytes`: at least the headers' size, if the
+        transport knows it (upstream.fits_upstream)."""
         started = time.perf_counter()
         started_us = self._clock.now_us()
         if facts is None:
             facts = body_facts.from_headers(headers)
         try:
-            decision = await self._check(method, path, headers, facts, started_us, key_only)
+            decision = await self._check(method, path, headers, facts, started_us, key_only, header_bytes)
         except Exception:  # never forward unchecked, never answer with a trace
             log.exception("check failed")
             decision = _deny(errors.gateway_unavailable(), [], {})
@@ -134,6 +135,7 @@ class Checker:
         facts: BodyFacts,
         started_us: int,
         key_only: bool = False,
+        header_bytes: int | None = None,
     ) -> Decision:
         path = routes.split_path(raw_path)
         meta = {"route": path}
@@ -170,7 +172,7 @@ class Checker:
             return Decision(ALLOW, meta=meta)
         # Refused before the script call, so a request Envoy could not forward neither counts against
         # the bucket nor holds a spend reservation.
-        if not upstream.fits_upstream(headers):
+        if not upstream.fits_upstream(headers, header_bytes):
             return _deny(errors.request_headers_too_large(), [], meta)
 
         # Under whichever view of the workspace the script call ends up using (a reload may bring a limit).

@@ -170,7 +170,9 @@ class CheckConnection(asyncio.Protocol):
         if not self._service.secret.admits(headers.pop(SECRET_HEADER, None)):
             self._finish(_refused())
         elif target.startswith(CHECK_PREFIX + "/"):
-            self._run_check(self._service.checker.check(method, target[len(CHECK_PREFIX) :], headers))
+            # The header block's length bounds the headers' bytes (extauth/upstream.py fits_upstream).
+            self._run_check(self._service.checker.check(method, target[len(CHECK_PREFIX) :], headers,
+                                                         header_bytes=end))
         elif target.startswith(PRECHECK_PREFIX + "/"):
             self._run_check(self._service.checker.check(method, target[len(PRECHECK_PREFIX) :], headers, True))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":

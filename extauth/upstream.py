@@ -27,10 +27,14 @@ MAX_CHECKED_HEADERS = 94
 MAX_CHECKED_HEADER_BYTES = 59 * 1024
 
 
-def fits_upstream(headers: Mapping[str, str]) -> bool:
+def fits_upstream(headers: Mapping[str, str], size_bound: int | None = None) -> bool:
+    """`size_bound`: at least the headers' bytes, when the transport knows it for free (the HTTP check's
+    header block); at or under the limit, the headers need not be summed."""
     own = len(headers) - (body_facts.HEADER in headers) - (body_facts.FORM_HEADER in headers)
     if own + 1 > MAX_CHECKED_HEADERS:
         return False
+    if size_bound is not None and size_bound <= MAX_CHECKED_HEADER_BYTES:
+        return True
     return len("".join(headers)) + len("".join(headers.values())) <= MAX_CHECKED_HEADER_BYTES
 
 
