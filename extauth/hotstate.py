@@ -157,7 +157,8 @@ if k[2] == '1' then return {@REVOKED@, 0, 0, 0, 0, now, @SPEND_NONE@} end
 local reserve = tonumber(reserve_uusd)
 local spent = nil
 -- The limit is read by a check that reserves only (each field read costs every check).
-local spend_limit = reserve > 0 and tonumber(redis.call('HGET', workspace_hash, 'l') or '-1') or -1
+local spend_limit = -1
+if reserve > 0 then spend_limit = tonumber(redis.call('HGET', workspace_hash, 'l') or '-1') end
 if spend_limit >= 0 then
   local s = redis.call('HMGET', spend, 'm', 'p')
   if (not s[1]) or tonumber(s[1]) ~= this_month then return {@UNKNOWN@, 0, 0, 0, 0, now, @SPEND_NONE@} end

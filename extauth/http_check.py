@@ -174,7 +174,8 @@ class CheckConnection(asyncio.Protocol):
             self._run_check(self._service.checker.check(method, target[len(CHECK_PREFIX) :], headers,
                                                          header_bytes=end))
         elif target.startswith(PRECHECK_PREFIX + "/"):
-            self._run_check(self._service.checker.check(method, target[len(PRECHECK_PREFIX) :], headers, True))
+            self._run_check(self._service.checker.check(method, target[len(PRECHECK_PREFIX) :], headers,
+                                                         key_only=True))
         elif target.startswith(LOCAL_MODELS_PATH) and method == "GET":
             self._run(self._service.models(target))
         elif target == HEALTH_PATH:
